@@ -1,0 +1,43 @@
+"""Loss callables shared by every method that trains a denoiser (teacher, DreamBooth, Imagic, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from baselines import diffusion
+
+
+def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
+    """Uniform integer timesteps in [0, T)."""
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+
+
+def denoising_loss(
+    *,
+    denoiser,
+    x0: Tensor,
+    text: Tensor,
+    generator: torch.Generator,
+    snr_gamma: float | None = None,
+    reduce: bool = True,
+    **denoiser_kwargs,
+) -> Tensor:
+    """The diffusion training loss in the denoiser's native parametrisation (Ho et al. 2020;
+    v-prediction: Salimans & Ho 2022). With ``snr_gamma``, Min-SNR-gamma weights (Hang et al.
+    2023) rescaled to the native parametrisation."""
+    n = x0.shape[0]
+    t = draw_timesteps(n, len(denoiser.alphas_cumprod), generator).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    alpha, sigma = denoiser.alpha_sigma(t)
+    z = diffusion.diffuse(x0=x0, eps=eps, alpha=alpha, sigma=sigma)
+    native = denoiser.native
+    target = {"eps": eps, "x0": x0, "v": diffusion.v_from(x0=x0, eps=eps, alpha=alpha, sigma=sigma)}[native]
+    pred = denoiser(z, t, text, parametrisation=native, **denoiser_kwargs)
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if snr_gamma is not None:
+        s = diffusion.snr(alpha=alpha, sigma=sigma).to(per_sample)
+        clipped = torch.minimum(s, torch.full_like(s, snr_gamma))
+        weight = {"eps": clipped / s, "x0": clipped, "v": clipped / (s + 1)}[native]
+        per_sample = per_sample * weight
+    return per_sample.mean() if reduce else per_sample

@@ -1,0 +1,165 @@
+"""Training-free samplers by name, and the one sampling entry point.
+
+Every image fewstep generates goes through ``generate``: the stock ``StableDiffusionPipeline``
+with the chosen diffusers scheduler and one ``torch.Generator`` per image (seed ``seeds[i]``),
+so image i is the same whatever the batch size (EDM's per-sample seeding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+from tqdm.auto import tqdm
+
+from baselines import models
+from baselines.data import to_uint8
+from baselines.errors import FewstepError
+
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config (so
+    the training schedule, prediction type and spacing carry over)."""
+    if name not in SAMPLERS:
+        raise FewstepError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    cls, extra = SAMPLERS[name]
+    return cls.from_config(dict(base_config), **extra)
+
+
+def unet_evaluations(*, sampler: str, steps: int, guidance_scale: float, guidance_conditioned: bool = False) -> int:
+    """U-Net evaluations per image: Heun's 2nd-order steps cost two (the last one), CFG doubles."""
+    per_step = 2 * steps - 1 if sampler == "heun" else steps
+    cfg = guidance_scale > 1 and not guidance_conditioned
+    return per_step * (2 if cfg else 1)
+
+
+def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: float | None, sampler: str | None):
+    """Fill unset steps / guidance / sampler from the model's ``fewstep.json`` recommendations."""
+    rec = info.get("recommended", {})
+    steps = steps or rec.get("num_inference_steps", 50)
+    guidance_scale = guidance_scale if guidance_scale is not None else rec.get("guidance_scale", 7.5)
+    sampler = sampler or rec.get("sampler", "ddim")
+    if steps < 1:
+        raise FewstepError(f"steps must be >= 1, got {steps}")
+    return steps, guidance_scale, sampler
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    seeds: list[int],
+    sampler: str = "ddim",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | list[str] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images (N,3,H,W) in [0,1] for ``prompts[i]`` with seed ``seeds[i]``; batching does not
+    change image i."""
+    if len(prompts) != len(seeds):
+        raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None else negative_prompt
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
+        stop = min(len(prompts), start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:stop]]
+        neg = negatives[start:stop]
+        out = pipe(
+            prompts[start:stop],
+            negative_prompt=None if all(n is None for n in neg) else [n or "" for n in neg],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="pt",
+        )
+        images.append(out.images.cpu())
+    return torch.cat(images)
+
+
+def save_png(images: torch.Tensor, paths: list[Path]) -> None:
+    """Write (N,3,H,W) images in [0,1] as PNGs."""
+    for array, path in zip(to_uint8(images * 2 - 1), paths):
+        Image.fromarray(array).save(path)
+
+
+def sample_to_folder(
+    model: str,
+    *,
+    prompt: str,
+    out: str | Path,
+    negative_prompt: str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    num_images: int = 1,
+    batch_size: int = 8,
+) -> list[Path]:
+    """The ``fewstep sample`` verb: PNGs ``<seed>.png`` plus ``samples.json`` describing them."""
+    if num_images < 1:
+        raise FewstepError(f"--num-images must be >= 1, got {num_images}")
+    pipe = models.load_pipeline(model)
+    steps, scale, sampler = resolve_defaults(
+        pipe, models.read_info(model), steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler
+    )
+    seeds = [seed + i for i in range(num_images)]
+    images = generate(
+        pipe,
+        [prompt] * num_images,
+        seeds=seeds,
+        sampler=sampler,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        negative_prompt=negative_prompt,
+        batch_size=batch_size,
+        progress=num_images > batch_size,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{s:06d}.png" for s in seeds]
+    save_png(images, paths)
+    meta = {
+        "model": str(model),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "sampler": sampler,
+        "num_inference_steps": steps,
+        "guidance_scale": scale,
+        "seeds": seeds,
+        "unet_evaluations_per_image": unet_evaluations(
+            sampler=sampler,
+            steps=steps,
+            guidance_scale=scale,
+            guidance_conditioned=getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None,
+        ),
+    }
+    (out / "samples.json").write_text(json.dumps(meta, indent=2))
+    return paths

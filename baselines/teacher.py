@@ -1,0 +1,273 @@
+"""Stages that build the embedded teacher: train_vae, train_clip, train_teacher, load_teacher.
+
+Each stage writes its model to ``<stage output>/model`` in a standard folder (AutoencoderKL,
+CLIPModel + tokenizer, StableDiffusionPipeline + fewstep.json) and trains through the one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTokenizer
+
+from baselines import data, models
+from baselines.errors import ConfigError, FewstepError
+from baselines.guidance import UNetDenoiser, encode_text
+from baselines.losses import denoising_loss
+from baselines.train import TrainConfig, read_log, train
+
+
+@dataclass
+class TrainVAEStage:
+    """Train the KL autoencoder, then measure its latent scaling factor from data."""
+
+    kind: str = "train_vae"
+    preset: str = "shapes"
+    dataset: str = "shapes"
+    seed: int = 0
+    kl_weight: float = 1e-6
+    scale_images: int = 2048
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50))
+
+
+@dataclass
+class TrainCLIPStage:
+    """Train a CLIP contrastively on image-caption pairs (the teacher's text encoder and the
+    embedded evaluator)."""
+
+    kind: str = "train_clip"
+    preset: str = "shapes"
+    dataset: str = "shapes"
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100))
+
+
+@dataclass
+class TrainTeacherStage:
+    """Train the conditional U-Net on frozen VAE latents and frozen CLIP text states, dropping the
+    caption to the empty prompt with probability ``cond_dropout`` for classifier-free guidance."""
+
+    kind: str = "train_teacher"
+    preset: str = "shapes"
+    dataset: str = "shapes"
+    vae: str = "???"
+    clip: str = "???"
+    seed: int = 0
+    cond_dropout: float = 0.1
+    cache_images: int = 50_000
+    snr_gamma: float | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=5000, batch_size=64, lr=5e-4, warmup_steps=200, lr_schedule="cosine", ema_decay=0.999
+        )
+    )
+
+
+@dataclass
+class LoadTeacherStage:
+    """Bring a teacher into the run: ``shapes`` (shipped), a pipeline folder, or a hub id."""
+
+    kind: str = "load_teacher"
+    model: str = "shapes"
+
+
+def _fixed_batches(dataset, batch_size: int):
+    def batches(i: int) -> dict:
+        return dataset.batch(range(i * batch_size, (i + 1) * batch_size))
+
+    return batches
+
+
+def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
+    """Train an ``AutoencoderKL`` with MSE reconstruction + a small KL term (as Stable Diffusion's
+    KL-f8, without the adversarial and LPIPS terms that need pretrained weights)."""
+    preset = models.get_preset(cfg.preset)
+    torch.manual_seed(cfg.seed)
+    vae = models.build_vae(preset)
+    dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
+
+    def loss(batch, generator):
+        x = batch["pixel_values"].to(vae.device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x)
+        recon = vae.decode(z).sample
+        return F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+
+    train(
+        loss=loss,
+        modules={"vae": vae},
+        batches=_fixed_batches(dataset, cfg.train.batch_size),
+        config=cfg.train,
+        out_dir=out / "train",
+        accelerator=accelerator,
+        desc="train_vae",
+    )
+    if accelerator is None or accelerator.is_main_process:
+        scale = measure_scaling_factor(vae, dataset, cfg.scale_images)
+        vae.register_to_config(scaling_factor=scale)
+        vae.save_pretrained(out / "model", safe_serialization=True)
+        metrics = {"scaling_factor": scale, "final_loss": _final_loss(out / "train")}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, dataset, n: int, batch_size: int = 256) -> float:
+    """1 / std of posterior-mean latents over ``n`` images, so scaled latents have unit variance
+    (how Rombach et al. chose 0.18215 for SD's VAE; measured here, never a literal)."""
+    latents = []
+    for start in range(0, n, batch_size):
+        x = dataset.batch(range(start, min(n, start + batch_size)))["pixel_values"].to(vae.device)
+        latents.append(vae.encode(x).latent_dist.mean)
+    return float(1.0 / torch.cat(latents).std())
+
+
+def _final_loss(train_dir: Path) -> float | None:
+    rows = read_log(train_dir)
+    return rows[-1]["loss"] if rows else None
+
+
+def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021) where every pair with the same caption counts as a
+    positive (captions repeat within a batch on a compositional dataset)."""
+    out = clip(input_ids=input_ids, pixel_values=pixel_values)
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=pixel_values.device)
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (
+        F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets)
+    )
+
+
+def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
+    """Build the caption tokenizer and train a CLIP on (image, caption) pairs."""
+    preset = models.get_preset(cfg.preset)
+    torch.manual_seed(cfg.seed)
+    tokenizer = models.build_tokenizer()
+    clip = models.build_clip(preset, tokenizer)
+    dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
+
+    def loss(batch, generator):
+        ids = tokenizer(
+            batch["captions"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return clip_contrastive_loss(clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"])
+
+    train(
+        loss=loss,
+        modules={"clip": clip},
+        batches=_fixed_batches(dataset, cfg.train.batch_size),
+        config=cfg.train,
+        out_dir=out / "train",
+        accelerator=accelerator,
+        desc="train_clip",
+    )
+    if accelerator is None or accelerator.is_main_process:
+        models.save_clip(clip, tokenizer, out / "model")
+
+
+@torch.no_grad()
+def _cache_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size: int = 256) -> dict:
+    """Posterior mean/std and captions of the first ``n`` training images, cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    tensors, captions_file = cache / "latents.safetensors", cache / "captions.json"
+    if tensors.is_file() and captions_file.is_file():
+        return {**load_file(tensors), "captions": json.loads(captions_file.read_text())}
+    means, stds, captions = [], [], []
+    for start in tqdm(range(0, n, batch_size), desc="encode latents"):
+        batch = dataset.batch(range(start, min(n, start + batch_size)))
+        posterior = vae.encode(batch["pixel_values"].to(vae.device)).latent_dist
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        captions += batch["captions"]
+    cache.mkdir(parents=True, exist_ok=True)
+    result = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+    save_file(result, tensors)
+    captions_file.write_text(json.dumps(captions))
+    return {**result, "captions": captions}
+
+
+def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> None:
+    """Train the CFG U-Net teacher and save it as a complete StableDiffusionPipeline folder."""
+    if not 0 <= cfg.cond_dropout < 1:
+        raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+    preset = models.get_preset(cfg.preset)
+    vae = AutoencoderKL.from_pretrained(cfg.vae, use_safetensors=True).eval().requires_grad_(False)
+    clip, tokenizer = models.load_clip(cfg.clip)
+    text_encoder = models.text_encoder_from_clip(clip).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    unet = models.build_unet(
+        preset, latent_channels=vae.config.latent_channels, cross_attention_dim=text_encoder.config.hidden_size
+    )
+    scheduler = models.build_scheduler(preset)
+    denoiser = UNetDenoiser(unet, dict(scheduler.config), scheduler.alphas_cumprod)
+    dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
+    cache = _cache_latents(vae, dataset, cfg.cache_images, out / "cache")
+    scaling = vae.config.scaling_factor
+    null_text = encode_text(tokenizer, text_encoder, [""])
+    n = len(cache["captions"])
+    batch_size = cfg.train.batch_size
+
+    def batches(i: int) -> dict:
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
+        captions = [cache["captions"][j] for j in idx.tolist()]
+        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": encode_text(tokenizer, text_encoder, captions)}
+
+    def loss(batch, generator):
+        mean, std = batch["mean"], batch["std"]
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        drop = torch.rand(x0.shape[0], generator=generator) < cfg.cond_dropout
+        text = torch.where(drop[:, None, None], null_text.expand_as(batch["text"]), batch["text"])
+        device = next(unet.parameters()).device
+        return denoising_loss(
+            denoiser=denoiser, x0=x0.to(device), text=text.to(device), generator=generator, snr_gamma=cfg.snr_gamma
+        )
+
+    train(
+        loss=loss,
+        modules={"unet": unet},
+        batches=batches,
+        config=cfg.train,
+        out_dir=out / "train",
+        accelerator=accelerator,
+        desc="train_teacher",
+    )
+    if accelerator is None or accelerator.is_main_process:
+        pipe = models.assemble_pipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        )
+        info = {
+            "method": "teacher",
+            "parent": {"vae": str(cfg.vae), "clip": str(cfg.clip)},
+            "training_steps": cfg.train.steps,
+            "final_loss": _final_loss(out / "train"),
+            "recommended": {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale},
+            "config": asdict(cfg),
+        }
+        models.save_pipeline(pipe, out / "model", info)
+
+
+def run_load_teacher(cfg: LoadTeacherStage, out: Path, accelerator=None) -> None:
+    """Copy (local) or download-and-save (hub id) a teacher pipeline into ``<out>/model``."""
+    location = Path(models.resolve_model(cfg.model))
+    if location.is_dir():
+        models.load_pipeline(location)  # validates every component before copying
+        target = out / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(location, target)
+        return
+    try:
+        pipe = models.load_pipeline(cfg.model)
+    except Exception as e:  # hub errors come in many types; the message says what happened
+        raise FewstepError(f"cannot load teacher {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    models.save_pipeline(pipe, out / "model", {"method": "pretrained", "parent": cfg.model})

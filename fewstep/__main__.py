@@ -1,0 +1,5 @@
+import sys
+
+from fewstep.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""The stage runner: an experiment is an OmegaConf YAML whose ``stages`` run in order.
+
+Each stage has a ``kind`` from ``STAGES``, is validated against that kind's dataclass (an unknown
+key or a bad value is a one-line ``ConfigError``), and writes to ``<run_dir>/<stage name>/``.
+A stage may refer to an earlier one's folder as ``${stages.NAME.output}``. A stage whose folder
+holds a finished run with the same config hash is skipped; a half-finished one resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from baselines.errors import ConfigError, FewstepError
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """A registered stage: its config dataclass, its function and whether all processes run it."""
+
+    config: type
+    run: Callable
+    distributed: bool = False
+
+
+def _registry() -> dict[str, StageKind]:
+    from baselines import teacher
+    from eval import checks
+
+    return {
+        "train_vae": StageKind(teacher.TrainVAEStage, teacher.run_train_vae, distributed=True),
+        "train_clip": StageKind(teacher.TrainCLIPStage, teacher.run_train_clip, distributed=True),
+        "train_teacher": StageKind(teacher.TrainTeacherStage, teacher.run_train_teacher, distributed=True),
+        "load_teacher": StageKind(teacher.LoadTeacherStage, teacher.run_load_teacher),
+        **checks.STAGES,
+    }
+
+
+# Fields that change how a stage runs but not what it produces: left out of the config hash.
+_NOT_HASHED = {"resume", "log_every", "checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a resolved experiment."""
+
+    name: str
+    kind: str
+    config: object
+    output: Path
+    hash: str
+
+
+def config_hash(config: object) -> str:
+    """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _NOT_HASHED}
+        return x
+
+    payload = json.dumps(strip(asdict(config)), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Read an experiment YAML and merge ``key=value`` overrides (OmegaConf dotlist syntax)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_first_line(e)}") from None
+    for key in ("experiment", "stages"):
+        if key not in cfg:
+            raise ConfigError(f"{path}: missing top-level key '{key}'")
+    unknown = set(cfg.keys()) - {"experiment", "run_dir", "stages", "seed", "vars"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
+    if "run_dir" not in cfg:
+        cfg.run_dir = f"runs/{cfg.experiment}"
+    for name in cfg.stages:
+        cfg.stages[name].output = f"{cfg.run_dir}/{name}"
+    return cfg
+
+
+def plan(cfg: DictConfig) -> list[PlannedStage]:
+    """Resolve and validate every stage; raises ``ConfigError`` naming the bad key."""
+    registry = _registry()
+    planned = []
+    for name, raw in cfg.stages.items():
+        try:
+            stage = OmegaConf.to_container(raw, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"stages.{name}: {_first_line(e)}") from None
+        output = Path(stage.pop("output"))
+        kind = stage.get("kind")
+        if kind not in registry:
+            raise ConfigError(f"stages.{name}.kind: {kind!r} is not one of {sorted(registry)}")
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(registry[kind].config), stage)
+            config = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None)
+            where = f"stages.{name}.{key}" if key else f"stages.{name}"
+            raise ConfigError(f"{where}: {_first_line(e)}") from None
+        except FewstepError as e:
+            raise ConfigError(f"stages.{name}: {e}") from None
+        planned.append(PlannedStage(name, kind, config, output, config_hash(config)))
+    return planned
+
+
+def _read_state(output: Path) -> dict:
+    path = output / "stage.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "status": status, **extra}
+    tmp = output / ".stage.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(output / "stage.json")
+
+
+def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=print) -> list[PlannedStage]:
+    """Run (or with ``dry_run`` only print) the experiment's stages in order."""
+    stages = plan(cfg)
+    unknown = set(force) - {s.name for s in stages}
+    if unknown:
+        raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
+    if dry_run:
+        for s in stages:
+            state = _read_state(s.output)
+            status = "done" if state.get("hash") == s.hash and state.get("status") == "done" else "to run"
+            log(f"[{status}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
+            log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
+        return stages
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    registry = _registry()
+    for s in stages:
+        state = _read_state(s.output)
+        if s.name in force and accelerator.is_main_process and s.output.exists():
+            shutil.rmtree(s.output)
+            state = {}
+        accelerator.wait_for_everyone()
+        if state.get("hash") == s.hash and state.get("status") == "done":
+            log(f"[skip] {s.name}: done with the same config ({s.output})")
+            continue
+        if state and state.get("hash") != s.hash:
+            raise ConfigError(
+                f"stage {s.name!r} in {s.output} was made with another config (hash {state.get('hash')} != {s.hash}); "
+                f"rerun with --force {s.name} to replace it"
+            )
+        log(f"[run] {s.name} ({s.kind}) -> {s.output}")
+        start = time.time()
+        if accelerator.is_main_process:
+            _write_state(s.output, s, "running")
+            (s.output / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(s.config)))
+        accelerator.wait_for_everyone()
+        kind = registry[s.kind]
+        if kind.distributed:
+            kind.run(s.config, s.output, accelerator=accelerator)
+        elif accelerator.is_main_process:
+            kind.run(s.config, s.output)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_state(s.output, s, "done", seconds=round(time.time() - start, 1))
+        log(f"[done] {s.name} in {time.time() - start:.0f} s")
+    return stages
