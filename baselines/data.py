@@ -190,7 +190,7 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     w, h = im.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
-    return to_tensor(np.asarray(im, dtype=np.uint8))
+    return to_tensor(np.array(im, dtype=np.uint8))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class TrainVAEStage:
     dataset: str = "shapes"
     seed: int = 0
     kl_weight: float = 1e-6
+    recon_loss: str = "l1"  # l1 | mse (L1 keeps edges sharper)
     scale_images: int = 2048
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50))
 
@@ -88,8 +89,10 @@ def _fixed_batches(dataset, batch_size: int):
 
 
 def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
-    """Train an ``AutoencoderKL`` with MSE reconstruction + a small KL term (as Stable Diffusion's
+    """Train an ``AutoencoderKL`` with an L1 or MSE reconstruction + a small KL term (as Stable Diffusion's
     KL-f8, without the adversarial and LPIPS terms that need pretrained weights)."""
+    if cfg.recon_loss not in ("l1", "mse"):
+        raise ConfigError(f"recon_loss must be 'l1' or 'mse', got {cfg.recon_loss!r}")
     preset = models.get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     vae = models.build_vae(preset)
@@ -100,7 +103,8 @@ def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x)
         recon = vae.decode(z).sample
-        return F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
+        distance = F.l1_loss if cfg.recon_loss == "l1" else F.mse_loss
+        return distance(recon, x) + cfg.kl_weight * posterior.kl().mean()
 
     train(
         loss=loss,

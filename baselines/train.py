@@ -151,8 +151,8 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     log = (out_dir / "log.jsonl").open("a") if rank == 0 else None
-    if log and start:
-        log.write(json.dumps({"event": "resume", "step": start}) + "\n")
+    if log:
+        log.write(json.dumps({"event": "resume" if start else "start", "step": start, "world_size": world}) + "\n")
 
     bar = tqdm(total=config.steps, initial=start, desc=desc, disable=rank != 0, dynamic_ncols=True)
     running, t0 = [], time.time()

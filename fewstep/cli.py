@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit non-zero (2 for a bad config)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if os.environ.get("FEWSTEP_OFFLINE", "1") == "1" else None
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep library chatter off the one-line errors
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = parser().parse_args(argv)
     try:
         args.func(args)

@@ -40,7 +40,10 @@ def _registry() -> dict[str, StageKind]:
         "train_clip": StageKind(teacher.TrainCLIPStage, teacher.run_train_clip, distributed=True),
         "train_teacher": StageKind(teacher.TrainTeacherStage, teacher.run_train_teacher, distributed=True),
         "load_teacher": StageKind(teacher.LoadTeacherStage, teacher.run_load_teacher),
-        **checks.STAGES,
+        "check_clip": StageKind(checks.CheckCLIPStage, checks.run_check_clip),
+        "check_evaluator": StageKind(checks.CheckEvaluatorStage, checks.run_check_evaluator),
+        "check_teacher": StageKind(checks.CheckTeacherStage, checks.run_check_teacher),
+        "ship": StageKind(checks.ShipStage, checks.run_ship),
     }
 
 

@@ -1,0 +1,35 @@
+"""Run under ``torchrun --nproc_per_node 2``: trains a toy model through the one loop and writes
+each rank's world size and final weights, so a test can check the replicas stayed equal."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from baselines.train import TrainConfig, train
+
+out = Path(sys.argv[1])
+accelerator = Accelerator()
+torch.manual_seed(accelerator.process_index)  # different init per rank: the loop must broadcast
+model = nn.Linear(4, 1)
+
+
+def batches(i):
+    g = torch.Generator().manual_seed(i)
+    return {"x": torch.randn(8, 4, generator=g)}
+
+
+def loss(batch, generator):
+    return (model(batch["x"]) - batch["x"].sum(1, keepdim=True)).pow(2).mean()
+
+
+train(loss=loss, modules={"m": model}, batches=batches, config=TrainConfig(steps=5, lr=0.1, log_every=1),
+      out_dir=out / "train", accelerator=accelerator)
+rank = accelerator.process_index
+(out / f"rank{rank}.json").write_text(json.dumps({
+    "world_size": accelerator.num_processes,
+    "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+}))

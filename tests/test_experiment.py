@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from baselines.errors import ConfigError
+from conftest import ROOT, run_cli
+from fewstep import experiment
+
+
+def test_unknown_key_is_a_one_line_error_with_exit_2():
+    result = run_cli("run", "configs/smoke.yaml", "stages.vae.train.stepz=3", "--dry-run")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stages.vae.train.stepz" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_bad_value_names_the_key():
+    cfg = experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.steps=many"])
+    with pytest.raises(ConfigError, match="stages.vae.train.steps"):
+        experiment.plan(cfg)
+    cfg = experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.kind=nope"])
+    with pytest.raises(ConfigError, match="stages.vae.kind"):
+        experiment.plan(cfg)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.lr_schedule=linear"]))
+
+
+def test_missing_config_file_is_exit_2(tmp_path):
+    result = run_cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "teacher-shapes"])
+def test_shipped_configs_validate(name):
+    stages = experiment.plan(experiment.load_config(ROOT / f"configs/{name}.yaml"))
+    assert stages and all(s.output.parts[-1] == s.name for s in stages)
+
+
+def test_hash_ignores_run_only_fields_but_not_training_ones():
+    base = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml"))[0].hash
+    same = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.log_every=7"]))[0].hash
+    other = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.steps=5"]))[0].hash
+    assert base == same != other
+
+
+def test_skip_rerun_conflict_and_force(smoke_run):
+    result = run_cli("run", "configs/smoke.yaml", f"run_dir={smoke_run}")
+    assert result.returncode == 0 and result.stdout.count("[skip]") == 3
+    result = run_cli("run", "configs/smoke.yaml", f"run_dir={smoke_run}", "stages.teacher.train.steps=7")
+    assert result.returncode == 2 and "--force teacher" in result.stderr
+    result = run_cli("run", "configs/smoke.yaml", f"run_dir={smoke_run}", "--dry-run")
+    assert result.stdout.count("[done]") == 3
+    state = json.loads((smoke_run / "teacher" / "stage.json").read_text())
+    assert state["status"] == "done" and (smoke_run / "teacher" / "config.yaml").is_file()

@@ -1,0 +1,42 @@
+import hashlib
+
+import pytest
+import torch
+
+from baselines.samplers import SAMPLERS, generate, save_png, unet_evaluations
+
+PROMPTS = ["a small red circle on a blue background, top left", "a large white square on a black background, center"]
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_and_is_finite(tiny_pipe, sampler):
+    images = generate(tiny_pipe, PROMPTS, seeds=[0, 1], sampler=sampler, num_inference_steps=3, guidance_scale=2.0)
+    assert images.shape == (2, 3, 16, 16)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler-a"])
+def test_image_i_does_not_depend_on_batch_size(tiny_pipe, sampler):
+    prompts = PROMPTS * 4
+    seeds = list(range(10, 18))
+    one = generate(tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=1)
+    eight = generate(tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=8)
+    assert (one - eight).abs().max() <= 1 / 255
+    assert not torch.allclose(one[0], one[2])  # different seeds, same prompt: different images
+
+
+def test_same_seed_gives_byte_identical_pngs(tiny_pipe, tmp_path):
+    digests = []
+    for run in range(2):
+        images = generate(tiny_pipe, PROMPTS, seeds=[5, 6], num_inference_steps=3, guidance_scale=2.0)
+        paths = [tmp_path / f"{run}-{i}.png" for i in range(2)]
+        save_png(images, paths)
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in paths])
+    assert digests[0] == digests[1]
+
+
+def test_unet_evaluations_count_cfg_and_heun():
+    assert unet_evaluations(sampler="ddim", steps=50, guidance_scale=4.0) == 100
+    assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=1.0) == 4
+    assert unet_evaluations(sampler="heun", steps=10, guidance_scale=1.0) == 19
+    assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=4.0, guidance_conditioned=True) == 4
