@@ -43,7 +43,7 @@ class UNetDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().clone().float(), persistent=False)
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "UNetDenoiser":
+    def from_pipeline(cls, pipe) -> UNetDenoiser:
         """The denoiser of a ``StableDiffusionPipeline``'s U-Net and scheduler."""
         return cls(pipe.unet, dict(pipe.scheduler.config), pipe.scheduler.alphas_cumprod)
 

@@ -58,7 +58,9 @@ PRESETS: dict[str, Preset] = {
         resolution=16,
         vae=dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4),
         clip_text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        clip_vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4),
+        clip_vision=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4
+        ),
         projection_dim=16,
         unet=dict(
             block_out_channels=(16, 32),
@@ -73,7 +75,9 @@ PRESETS: dict[str, Preset] = {
         resolution=32,
         vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
         clip_text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
-        clip_vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=4),
+        clip_vision=dict(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=4
+        ),
         projection_dim=128,
         unet=dict(
             block_out_channels=(64, 96, 128),
@@ -314,7 +318,9 @@ def load_clip(name_or_path: str | os.PathLike) -> tuple[CLIPModel, CLIPTokenizer
     if name != "shapes" and not folder.exists() and name.count("/") != 1:
         raise FewstepError(f"CLIP {name!r} is neither 'shapes', a folder nor a hub id")
     try:
-        clip = CLIPModel.from_pretrained(str(folder) if folder.exists() else name, dtype=torch.float32, use_safetensors=True)
+        clip = CLIPModel.from_pretrained(
+            str(folder) if folder.exists() else name, dtype=torch.float32, use_safetensors=True
+        )
         tokenizer = CLIPTokenizer.from_pretrained(str(folder) if folder.exists() else name)
     except OSError as e:
         raise FewstepError(f"cannot load CLIP {name!r}: {str(e).splitlines()[0]}") from None

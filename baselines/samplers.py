@@ -86,7 +86,11 @@ def generate(
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) or negative_prompt is None else negative_prompt
+    negatives = (
+        [negative_prompt] * len(prompts)
+        if isinstance(negative_prompt, str) or negative_prompt is None
+        else negative_prompt
+    )
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
         stop = min(len(prompts), start + batch_size)

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import CLIPModel
 
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import UNetDenoiser, encode_text
 from baselines.losses import denoising_loss
-from baselines.train import TrainConfig, read_log, train
+from baselines.train import TrainConfig, barrier, is_main_process, read_log, train
 
 
 @dataclass
@@ -47,7 +47,9 @@ class TrainCLIPStage:
     preset: str = "shapes"
     dataset: str = "shapes"
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100)
+    )
 
 
 @dataclass
@@ -115,7 +117,7 @@ def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
         accelerator=accelerator,
         desc="train_vae",
     )
-    if accelerator is None or accelerator.is_main_process:
+    if is_main_process():
         scale = measure_scaling_factor(vae, dataset, cfg.scale_images)
         vae.register_to_config(scaling_factor=scale)
         vae.save_pretrained(out / "model", safe_serialization=True)
@@ -145,9 +147,7 @@ def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: li
     out = clip(input_ids=input_ids, pixel_values=pixel_values)
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=pixel_values.device)
     targets = same / same.sum(1, keepdim=True)
-    return 0.5 * (
-        F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets)
-    )
+    return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
 
 
 def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
@@ -160,10 +160,15 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
 
     def loss(batch, generator):
         ids = tokenizer(
-            batch["captions"], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            batch["captions"],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
-        return clip_contrastive_loss(clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"])
+        return clip_contrastive_loss(
+            clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"]
+        )
 
     train(
         loss=loss,
@@ -174,7 +179,7 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
         accelerator=accelerator,
         desc="train_clip",
     )
-    if accelerator is None or accelerator.is_main_process:
+    if is_main_process():
         models.save_clip(clip, tokenizer, out / "model")
 
 
@@ -215,7 +220,11 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     scheduler = models.build_scheduler(preset)
     denoiser = UNetDenoiser(unet, dict(scheduler.config), scheduler.alphas_cumprod)
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
+    if not is_main_process():
+        barrier()  # rank 0 encodes and writes the cache first; the others then read it
     cache = _cache_latents(vae, dataset, cfg.cache_images, out / "cache")
+    if is_main_process():
+        barrier()
     scaling = vae.config.scaling_factor
     null_text = encode_text(tokenizer, text_encoder, [""])
     n = len(cache["captions"])
@@ -224,7 +233,11 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     def batches(i: int) -> dict:
         idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
         captions = [cache["captions"][j] for j in idx.tolist()]
-        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": encode_text(tokenizer, text_encoder, captions)}
+        return {
+            "mean": cache["mean"][idx],
+            "std": cache["std"][idx],
+            "text": encode_text(tokenizer, text_encoder, captions),
+        }
 
     def loss(batch, generator):
         mean, std = batch["mean"], batch["std"]
@@ -245,7 +258,7 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
         accelerator=accelerator,
         desc="train_teacher",
     )
-    if accelerator is None or accelerator.is_main_process:
+    if is_main_process():
         pipe = models.assemble_pipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )

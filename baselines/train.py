@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -59,6 +60,25 @@ class TrainConfig:
             raise ConfigError(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, initialises the process group (gloo on CPU, nccl on
+    GPU) if nobody has: accelerate 1.15 was seen to report one process on CPU under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return process_group()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single-process run)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -124,7 +144,7 @@ def train(
     modules (holding the EMA weights when ``config.ema_decay`` is set)."""
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = process_group()
     for m in modules.values():
         m.to(accelerator.device).train()
     params = _trainable(modules)
@@ -133,7 +153,7 @@ def train(
     if world > 1:
         with torch.no_grad():
             for p in params.values():
-                torch.distributed.broadcast(p.data, src=0)
+                dist.broadcast(p.data, src=0)
     decay = [p for p in params.values() if p.ndim > 1]
     no_decay = [p for p in params.values() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
@@ -170,7 +190,7 @@ def train(
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
         if world > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
+            dist.all_reduce(flat)
             flat /= world
             offset = 0
             for p, g in zip(params.values(), grads):
@@ -192,7 +212,10 @@ def train(
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             mean = torch.tensor(sum(running) / len(running), device=accelerator.device)
-            mean = accelerator.reduce(mean, reduction="mean").item() if world > 1 else mean.item()
+            if world > 1:
+                dist.all_reduce(mean)
+                mean /= world
+            mean = mean.item()
             bar.set_postfix(loss=f"{mean:.4f}")
             if log:
                 row = {"step": done, "loss": mean, "lr": lr_at(config, step), "grad_norm": grad_norm}
@@ -202,7 +225,7 @@ def train(
         if done % config.checkpoint_every == 0 or done == config.steps:
             if rank == 0:
                 _save_checkpoint(out_dir, done, params, ema, optimizer, config)
-            accelerator.wait_for_everyone()
+            barrier()
     bar.close()
     if log:
         log.close()

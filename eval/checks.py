@@ -118,28 +118,48 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
     acc_batch = ds.batch(range(cfg.accuracy_images))
     for s in cfg.guidance_scales:
         images = generate(
-            pipe, acc_batch["captions"], seeds=list(range(cfg.accuracy_images)), sampler=cfg.sampler,
-            num_inference_steps=cfg.accuracy_steps, guidance_scale=s, batch_size=cfg.batch_size, progress=True,
+            pipe,
+            acc_batch["captions"],
+            seeds=list(range(cfg.accuracy_images)),
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.accuracy_steps,
+            guidance_scale=s,
+            batch_size=cfg.batch_size,
+            progress=True,
         )
         acc = zero_shot_attributes(clip, tokenizer, images * 2 - 1, acc_batch["attributes"])
         metrics["accuracy"][str(s)] = acc
         k = cfg.grid_prompts
         grid = generate(
-            pipe, [c for c in acc_batch["captions"][:k] for _ in range(cfg.grid_seeds)],
-            seeds=list(range(k * cfg.grid_seeds)), sampler=cfg.sampler, num_inference_steps=cfg.accuracy_steps,
-            guidance_scale=s, batch_size=cfg.batch_size,
+            pipe,
+            [c for c in acc_batch["captions"][:k] for _ in range(cfg.grid_seeds)],
+            seeds=list(range(k * cfg.grid_seeds)),
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.accuracy_steps,
+            guidance_scale=s,
+            batch_size=cfg.batch_size,
         )
         save_grid(grid, out / f"grid_guidance{s:g}.png", rows=k, row_labels=acc_batch["captions"][:k])
 
-    scale = cfg.fd_guidance_scale if cfg.fd_guidance_scale is not None else info.get("recommended", {}).get("guidance_scale", 4.0)
+    scale = (
+        cfg.fd_guidance_scale
+        if cfg.fd_guidance_scale is not None
+        else info.get("recommended", {}).get("guidance_scale", 4.0)
+    )
     extract = get_extractor(cfg.extractor)
     real = ds.batch(range(cfg.fd_images, 2 * cfg.fd_images))
     ref = FeatureStats.of(extract(real["pixel_values"]))
     prompts = ds.batch(range(cfg.fd_images))["captions"]
     for steps in cfg.fd_steps:
         images = generate(
-            pipe, prompts, seeds=list(range(cfg.fd_images)), sampler=cfg.sampler, num_inference_steps=steps,
-            guidance_scale=scale, batch_size=cfg.batch_size, progress=True,
+            pipe,
+            prompts,
+            seeds=list(range(cfg.fd_images)),
+            sampler=cfg.sampler,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            batch_size=cfg.batch_size,
+            progress=True,
         )
         fd = frechet_distance(ref, FeatureStats.of(extract(images * 2 - 1)))
         metrics["fd"][str(steps)] = {
@@ -187,4 +207,3 @@ def run_ship(cfg: ShipStage, out: Path) -> dict:
     (out / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(target / "MANIFEST.json", out / "MANIFEST.json")
     return manifest
-

@@ -86,7 +86,9 @@ def low_level_features(images: Tensor) -> Tensor:
     for scale in (1, 2):
         xs = F.avg_pool2d(x, scale) if scale > 1 else x
         grey = xs.mean(1, keepdim=True)
-        lap = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="reflect"), torch.tensor([[[[0, 1, 0], [1, -4, 1], [0, 1, 0]]]]).float())
+        lap = F.conv2d(
+            F.pad(grey, (1, 1, 1, 1), mode="reflect"), torch.tensor([[[[0, 1, 0], [1, -4, 1], [0, 1, 0]]]]).float()
+        )
         gx = grey[..., :, 1:] - grey[..., :, :-1]
         gy = grey[..., 1:, :] - grey[..., :-1, :]
         grad = torch.sqrt(gx[..., :-1, :] ** 2 + gy[..., :, :-1] ** 2)
@@ -130,9 +132,10 @@ class EmbeddedEvaluator:
 
 @lru_cache(maxsize=4)
 def get_extractor(name: str):
-    """A feature extractor by name: ``embedded`` (offline, fewstep's own) or ``clip:<folder or hub id>``."""
-    if name == "embedded":
-        return EmbeddedEvaluator()
+    """A feature extractor by name: ``embedded`` (fewstep's own, on the shipped CLIP),
+    ``embedded:<clip folder>`` (the same on another embedded CLIP) or ``clip:<folder or hub id>``."""
+    if name == "embedded" or name.startswith("embedded:"):
+        return EmbeddedEvaluator(clip_name=name.partition(":")[2] or "shapes")
     if name.startswith("clip:"):
         clip, _ = models.load_clip(name[5:])
 
@@ -142,8 +145,12 @@ def get_extractor(name: str):
 
         return clip_features
     if name == "inception":
-        raise FewstepError("the 'inception' extractor is not available yet in this version; use 'embedded' or 'clip:<folder>'")
-    raise FewstepError(f"unknown feature extractor {name!r}; choose 'embedded', 'clip:<folder or hub id>' or 'inception'")
+        raise FewstepError(
+            "the 'inception' extractor is not available yet in this version; use 'embedded' or 'clip:<folder>'"
+        )
+    raise FewstepError(
+        f"unknown feature extractor {name!r}; choose 'embedded', 'clip:<folder or hub id>' or 'inception'"
+    )
 
 
 def metric_name(extractor: str) -> str:
@@ -168,8 +175,13 @@ def zero_shot_attributes(
             for key in keys:
                 values = data.attribute_values(key, attrs)
                 captions = [data.caption({**attrs, key: v}) for v in values]
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
+                ids = tokenizer(
+                    captions,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids
                 text = F.normalize(clip.get_text_features(input_ids=ids), dim=-1)
                 correct[key] += int(values[int((text @ emb[i]).argmax())] == attrs[key])
     return {k: correct[k] / len(images) for k in keys}

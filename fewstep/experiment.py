@@ -159,14 +159,18 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
 
     from accelerate import Accelerator
 
+    from baselines.train import barrier, process_group
+
+    rank, _ = process_group()
+    main = rank == 0
     accelerator = Accelerator()
     registry = _registry()
     for s in stages:
         state = _read_state(s.output)
-        if s.name in force and accelerator.is_main_process and s.output.exists():
+        if s.name in force and main and s.output.exists():
             shutil.rmtree(s.output)
             state = {}
-        accelerator.wait_for_everyone()
+        barrier()
         if state.get("hash") == s.hash and state.get("status") == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
@@ -177,17 +181,17 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             )
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")
         start = time.time()
-        if accelerator.is_main_process:
+        if main:
             _write_state(s.output, s, "running")
             (s.output / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(s.config)))
-        accelerator.wait_for_everyone()
+        barrier()
         kind = registry[s.kind]
         if kind.distributed:
             kind.run(s.config, s.output, accelerator=accelerator)
-        elif accelerator.is_main_process:
+        elif main:
             kind.run(s.config, s.output)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        barrier()
+        if main:
             _write_state(s.output, s, "done", seconds=round(time.time() - start, 1))
         log(f"[done] {s.name} in {time.time() - start:.0f} s")
     return stages

@@ -9,11 +9,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from baselines.train import TrainConfig, train
+from baselines.train import TrainConfig, process_group, train
 
 out = Path(sys.argv[1])
+rank, world = process_group()
 accelerator = Accelerator()
-torch.manual_seed(accelerator.process_index)  # different init per rank: the loop must broadcast
+torch.manual_seed(rank)  # different init per rank: the loop must broadcast
 model = nn.Linear(4, 1)
 
 
@@ -26,10 +27,19 @@ def loss(batch, generator):
     return (model(batch["x"]) - batch["x"].sum(1, keepdim=True)).pow(2).mean()
 
 
-train(loss=loss, modules={"m": model}, batches=batches, config=TrainConfig(steps=5, lr=0.1, log_every=1),
-      out_dir=out / "train", accelerator=accelerator)
-rank = accelerator.process_index
-(out / f"rank{rank}.json").write_text(json.dumps({
-    "world_size": accelerator.num_processes,
-    "weights": [p.detach().flatten().tolist() for p in model.parameters()],
-}))
+train(
+    loss=loss,
+    modules={"m": model},
+    batches=batches,
+    config=TrainConfig(steps=5, lr=0.1, log_every=1),
+    out_dir=out / "train",
+    accelerator=accelerator,
+)
+(out / f"rank{rank}.json").write_text(
+    json.dumps(
+        {
+            "world_size": world,
+            "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+        }
+    )
+)

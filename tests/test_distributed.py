@@ -5,17 +5,31 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(sys.executable), reason="torchrun missing")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not os.path.exists(sys.executable), reason="torchrun missing"
+)
 
 
-def _torchrun(*args, timeout=600):
+def _torchrun(*args, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29400 + os.getpid() % 500),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -8,9 +8,8 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
-
 from conftest import ROOT, run_cli
+from PIL import Image
 
 PROMPT = "a small red circle on a blue background, top left"
 
@@ -31,7 +30,9 @@ def test_teacher_folder_is_complete(smoke_run):
 
 def test_stock_pipeline_in_a_fresh_offline_process_matches_fewstep_sample(smoke_run, tmp_path):
     folder = smoke_run / "teacher" / "model"
-    result = run_cli("sample", str(folder), "--prompt", PROMPT, "--seed", "7", "--num-images", "2", "--out", str(tmp_path / "ours"))
+    result = run_cli(
+        "sample", str(folder), "--prompt", PROMPT, "--seed", "7", "--num-images", "2", "--out", str(tmp_path / "ours")
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "ours" / "samples.json").read_text())
     assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 3.0  # from fewstep.json
@@ -55,8 +56,16 @@ for seed in (7, 8):
 
 
 def test_sigkill_during_teacher_training_resumes(tmp_path):
-    args = [sys.executable, "-m", "fewstep", "run", "configs/smoke.yaml", f"run_dir={tmp_path}",
-            "stages.teacher.train.steps=400", "stages.teacher.train.checkpoint_every=20"]
+    args = [
+        sys.executable,
+        "-m",
+        "fewstep",
+        "run",
+        "configs/smoke.yaml",
+        f"run_dir={tmp_path}",
+        "stages.teacher.train.steps=400",
+        "stages.teacher.train.checkpoint_every=20",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "teacher" / "train" / "checkpoints"
@@ -93,5 +102,14 @@ def test_cli_errors_are_one_line(tmp_path, smoke_run):
     shutil.rmtree(broken / "vae")
     result = run_cli("sample", str(broken), "--prompt", "x", "--out", str(tmp_path / "o"))
     assert result.returncode == 1 and "vae/" in result.stderr
-    result = run_cli("sample", str(smoke_run / "teacher" / "model"), "--prompt", "x", "--sampler", "bogus", "--out", str(tmp_path / "o"))
+    result = run_cli(
+        "sample",
+        str(smoke_run / "teacher" / "model"),
+        "--prompt",
+        "x",
+        "--sampler",
+        "bogus",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 1 and "unknown sampler" in result.stderr

@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from conftest import ROOT, run_cli
 
 from baselines.errors import ConfigError
-from conftest import ROOT, run_cli
 from fewstep import experiment
 
 
@@ -38,7 +38,9 @@ def test_shipped_configs_validate(name):
 
 def test_hash_ignores_run_only_fields_but_not_training_ones():
     base = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml"))[0].hash
-    same = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.log_every=7"]))[0].hash
+    same = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.log_every=7"]))[
+        0
+    ].hash
     other = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", ["stages.vae.train.steps=5"]))[0].hash
     assert base == same != other
 

@@ -52,7 +52,9 @@ def test_cfg_is_the_diffusers_combination(tiny_pipe):
     guided_x0 = CFGDenoiser(den, uncond, s)(z, t, text, parametrisation="x0")
     torch.testing.assert_close(guided_x0, D.x0_from_v(z=z, v=guided, alpha=alpha, sigma=sigma), atol=1e-5, rtol=1e-5)
     # s = 1 is the conditional model; per-sample scales are allowed
-    torch.testing.assert_close(CFGDenoiser(den, uncond, 1.0)(z, t, text, parametrisation="v"), cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        CFGDenoiser(den, uncond, 1.0)(z, t, text, parametrisation="v"), cond, atol=1e-5, rtol=1e-5
+    )
     per = CFGDenoiser(den, uncond, torch.tensor([1.0, s]))(z, t, text, parametrisation="v")
     torch.testing.assert_close(per[1], guided[1], atol=1e-5, rtol=1e-5)
 

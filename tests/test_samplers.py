@@ -19,8 +19,12 @@ def test_every_sampler_runs_and_is_finite(tiny_pipe, sampler):
 def test_image_i_does_not_depend_on_batch_size(tiny_pipe, sampler):
     prompts = PROMPTS * 4
     seeds = list(range(10, 18))
-    one = generate(tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=1)
-    eight = generate(tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=8)
+    one = generate(
+        tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=1
+    )
+    eight = generate(
+        tiny_pipe, prompts, seeds=seeds, sampler=sampler, num_inference_steps=4, guidance_scale=3.0, batch_size=8
+    )
     assert (one - eight).abs().max() <= 1 / 255
     assert not torch.allclose(one[0], one[2])  # different seeds, same prompt: different images
 

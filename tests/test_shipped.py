@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import ROOT
 
 from baselines.models import PACKAGED, load_clip, load_pipeline, read_info
-from conftest import ROOT
 from fewstep import experiment
 
 pytestmark = pytest.mark.skipif(

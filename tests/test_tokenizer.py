@@ -33,6 +33,10 @@ def test_clip_text_config_uses_the_tokenizer_ids():
     tok = build_clip_tokenizer()
     clip = models.build_clip(models.get_preset("tiny"), tok)
     text = clip.config.text_config
-    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert text.eos_token_id != 2  # 2 would switch transformers to legacy argmax pooling
     assert text.max_position_embeddings == tok.model_max_length

@@ -48,7 +48,13 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
 
     crashed = _toy()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(loss=_loss_for(crashed, crash_at=5), modules={"m": crashed}, batches=_batches, config=_cfg(), out_dir=tmp_path / "b")
+        train(
+            loss=_loss_for(crashed, crash_at=5),
+            modules={"m": crashed},
+            batches=_batches,
+            config=_cfg(),
+            out_dir=tmp_path / "b",
+        )
     assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
     (tmp_path / "b" / "checkpoints" / ".tmp-step-00000006").mkdir()  # a half-written checkpoint is ignored
     resumed = _toy(seed=123)  # fresh weights: everything must come from the checkpoint
@@ -63,7 +69,13 @@ def test_ema_weights_are_returned(tmp_path):
     init = [p.detach().clone() for p in model.parameters()]
     raw = _toy()
     train(loss=_loss_for(raw), modules={"m": raw}, batches=_batches, config=_cfg(steps=3), out_dir=tmp_path / "raw")
-    train(loss=_loss_for(model), modules={"m": model}, batches=_batches, config=_cfg(steps=3, ema_decay=0.5), out_dir=tmp_path / "e")
+    train(
+        loss=_loss_for(model),
+        modules={"m": model},
+        batches=_batches,
+        config=_cfg(steps=3, ema_decay=0.5),
+        out_dir=tmp_path / "e",
+    )
     for p, q, p0 in zip(model.parameters(), raw.parameters(), init):
         assert not torch.allclose(p, q) and not torch.allclose(p, p0)
 
@@ -72,7 +84,13 @@ def test_frozen_parameters_stay_frozen(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     model[0].requires_grad_(False)
     before = model[0].weight.detach().clone()
-    train(loss=lambda b, g: model(b["x"]).pow(2).mean(), modules={"m": model}, batches=_batches, config=_cfg(steps=3), out_dir=tmp_path)
+    train(
+        loss=lambda b, g: model(b["x"]).pow(2).mean(),
+        modules={"m": model},
+        batches=_batches,
+        config=_cfg(steps=3),
+        out_dir=tmp_path,
+    )
     assert torch.equal(before, model[0].weight)
 
 
