@@ -46,6 +46,17 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 # ----------------------------------------------------------------------------- extractors
 
 
+def clip_image_embeds(clip, images: Tensor) -> Tensor:
+    """Unit-norm projected CLIP image embeddings (independent of the transformers version's
+    ``get_image_features`` return type)."""
+    return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=images).pooler_output), dim=-1)
+
+
+def clip_text_embeds(clip, input_ids: Tensor) -> Tensor:
+    """Unit-norm projected CLIP text embeddings."""
+    return F.normalize(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output), dim=-1)
+
+
 def _gaussian_kernel(sigma: float) -> Tensor:
     radius = max(1, int(round(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -121,7 +132,7 @@ class EmbeddedEvaluator:
             x = images[i : i + batch_size]
             if x.shape[-1] != self.resolution:
                 x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
-            emb = F.normalize(self.clip.get_image_features(pixel_values=x), dim=-1)
+            emb = clip_image_embeds(self.clip, x)
             out.append(torch.cat([emb, low_level_features(x)], 1))
         return torch.cat(out)
 
@@ -141,7 +152,7 @@ def get_extractor(name: str):
 
         @torch.no_grad()
         def clip_features(images: Tensor) -> Tensor:
-            return F.normalize(clip.get_image_features(pixel_values=images), dim=-1)
+            return clip_image_embeds(clip, images)
 
         return clip_features
     if name == "inception":
@@ -170,7 +181,7 @@ def zero_shot_attributes(
     correct = {k: 0 for k in keys}
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        emb = F.normalize(clip.get_image_features(pixel_values=x), dim=-1)
+        emb = clip_image_embeds(clip, x)
         for i, attrs in enumerate(attributes[start : start + batch_size]):
             for key in keys:
                 values = data.attribute_values(key, attrs)
@@ -182,6 +193,6 @@ def zero_shot_attributes(
                     truncation=True,
                     return_tensors="pt",
                 ).input_ids
-                text = F.normalize(clip.get_text_features(input_ids=ids), dim=-1)
+                text = clip_text_embeds(clip, ids)
                 correct[key] += int(values[int((text @ emb[i]).argmax())] == attrs[key])
     return {k: correct[k] / len(images) for k in keys}

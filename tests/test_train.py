@@ -38,7 +38,7 @@ def _cfg(**kw):
 def test_loss_goes_down_and_log_is_json_lines(tmp_path):
     model = _toy()
     train(loss=_loss_for(model), modules={"m": model}, batches=_batches, config=_cfg(steps=60), out_dir=tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert rows[-1]["step"] == 60 and rows[-1]["loss"] < 0.2 * rows[0]["loss"]
 
 
