@@ -16,7 +16,14 @@ from baselines import data, models
 from baselines.errors import FewstepError
 from baselines.samplers import generate, unet_evaluations
 from eval.grids import save_grid
-from eval.metrics import FeatureStats, frechet_distance, gaussian_blur, get_extractor, zero_shot_attributes
+from eval.metrics import (
+    FeatureStats,
+    frechet_distance,
+    gaussian_blur,
+    get_extractor,
+    metric_name,
+    zero_shot_attributes,
+)
 
 
 def _write(out: Path, metrics: dict) -> None:
@@ -163,7 +170,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
         )
         fd = frechet_distance(ref, FeatureStats.of(extract(images * 2 - 1)))
         metrics["fd"][str(steps)] = {
-            "FD-embedded" if cfg.extractor == "embedded" else f"FD-{cfg.extractor}": fd,
+            metric_name(cfg.extractor): fd,
             "guidance_scale": scale,
             "unet_evaluations": unet_evaluations(sampler=cfg.sampler, steps=steps, guidance_scale=scale),
         }
