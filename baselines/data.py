@@ -126,6 +126,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def stack_items(items: list[dict]) -> dict:
+    """Stack dataset items into a batch: pixel_values (B,3,H,W), captions and attributes lists."""
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "attributes": [it["attributes"] for it in items],
+    }
+
+
 @dataclass(frozen=True)
 class ShapesDataset(torch.utils.data.Dataset):
     """The embedded ``shapes`` dataset: item i of a split is the same image for a given seed.
@@ -160,12 +169,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def batch(self, indices) -> dict:
         """Stack items into a batch: pixel_values (B,3,H,W), captions and attributes lists."""
-        items = [self[int(i)] for i in indices]
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "captions": [it["caption"] for it in items],
-            "attributes": [it["attributes"] for it in items],
-        }
+        return stack_items([self[int(i)] for i in indices])
 
 
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
@@ -222,13 +226,8 @@ class CaptionFolderDataset(torch.utils.data.Dataset):
         return {"pixel_values": image, "caption": row["text"], "attributes": row.get("attributes", {})}
 
     def batch(self, indices) -> dict:
-        """Stack items into a batch like ``ShapesDataset.batch``."""
-        items = [self[int(i)] for i in indices]
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "captions": [it["caption"] for it in items],
-            "attributes": [it["attributes"] for it in items],
-        }
+        """Stack items into a batch: pixel_values (B,3,H,W), captions and attributes lists."""
+        return stack_items([self[int(i)] for i in indices])
 
 
 def make_dataset(name: str, *, split: str = "train", resolution: int = 32, seed: int = 0):

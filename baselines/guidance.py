@@ -98,12 +98,17 @@ class CFGDenoiser(nn.Module):
         return pred_uncond + s.reshape(-1, *([1] * (z.ndim - 1))) * (pred_cond - pred_uncond)
 
 
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    """Token ids padded/truncated to ``model_max_length``, as the Stable Diffusion pipeline does."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
     """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them
     (padded to ``model_max_length``, last hidden state)."""
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    ids = tokenize(tokenizer, prompts)
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device))[0]

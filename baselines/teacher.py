@@ -19,7 +19,7 @@ from transformers import CLIPModel
 
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
-from baselines.guidance import UNetDenoiser, encode_text
+from baselines.guidance import UNetDenoiser, encode_text, tokenize
 from baselines.losses import denoising_loss
 from baselines.train import TrainConfig, barrier, is_main_process, read_log, train
 
@@ -159,13 +159,7 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
 
     def loss(batch, generator):
-        ids = tokenizer(
-            batch["captions"],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = tokenize(tokenizer, batch["captions"])
         return clip_contrastive_loss(
             clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"]
         )

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from baselines import data, models
 from baselines.errors import FewstepError
+from baselines.guidance import tokenize
 
 
 @dataclass(frozen=True)
@@ -186,13 +187,6 @@ def zero_shot_attributes(
             for key in keys:
                 values = data.attribute_values(key, attrs)
                 captions = [data.caption({**attrs, key: v}) for v in values]
-                ids = tokenizer(
-                    captions,
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids
-                text = clip_text_embeds(clip, ids)
+                text = clip_text_embeds(clip, tokenize(tokenizer, captions))
                 correct[key] += int(values[int((text @ emb[i]).argmax())] == attrs[key])
     return {k: correct[k] / len(images) for k in keys}
