@@ -44,6 +44,9 @@ def _registry() -> dict[str, StageKind]:
         "check_evaluator": StageKind(checks.CheckEvaluatorStage, checks.run_check_evaluator),
         "check_teacher": StageKind(checks.CheckTeacherStage, checks.run_check_teacher),
         "ship": StageKind(checks.ShipStage, checks.run_ship),
+        # distill/ (progressive, guidance)
+        # editing/ (imagic, sdedit, inpaint, textual_inversion, dreambooth)
+        # eval/ (sweep, edit_eval, report)
     }
 
 
