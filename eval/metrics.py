@@ -7,6 +7,7 @@ features, e.g. "FD-embedded".
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -145,21 +146,20 @@ class EmbeddedEvaluator:
 @lru_cache(maxsize=4)
 def get_extractor(name: str):
     """A feature extractor by name: ``embedded`` (fewstep's own, on the shipped CLIP),
-    ``embedded:<clip folder>`` (the same on another embedded CLIP) or ``clip:<folder or hub id>``."""
+    ``embedded:<clip folder>`` (the same on another embedded CLIP), ``clip:<folder or hub id>``, or
+    ``inception`` / ``inception:<weights file>`` (torch-fidelity's InceptionV3, the network FID is defined on)."""
     if name == "embedded" or name.startswith("embedded:"):
         return EmbeddedEvaluator(clip_name=name.partition(":")[2] or "shapes")
     if name.startswith("clip:"):
-        clip, _ = models.load_clip(name[5:])
+        clip = load_clip_model(name[5:])
 
         @torch.no_grad()
         def clip_features(images: Tensor) -> Tensor:
-            return clip_image_embeds(clip, images)
+            return torch.cat([clip.image_embeds(images[i : i + 256]) for i in range(0, len(images), 256)])
 
         return clip_features
-    if name == "inception":
-        raise FewstepError(
-            "the 'inception' extractor is not available yet in this version; use 'embedded' or 'clip:<folder>'"
-        )
+    if name == "inception" or name.startswith("inception:"):
+        return InceptionExtractor(name.partition(":")[2] or None)
     raise FewstepError(
         f"unknown feature extractor {name!r}; choose 'embedded', 'clip:<folder or hub id>' or 'inception'"
     )
@@ -174,12 +174,12 @@ def metric_name(extractor: str) -> str:
 
 
 @torch.no_grad()
-def zero_shot_attributes(
+def zero_shot_correct(
     clip, tokenizer, images: Tensor, attributes: list[dict], keys=data.ATTRIBUTES, batch_size: int = 256
-) -> dict[str, float]:
-    """Zero-shot accuracy per attribute: for each image and attribute, CLIP picks among the
-    captions that differ from the image's caption only in that attribute."""
-    correct = {k: 0 for k in keys}
+) -> dict[str, list[bool]]:
+    """Per image and attribute, whether CLIP picks ``attributes[i][key]`` among the captions that
+    differ from the image's caption only in that attribute."""
+    correct: dict[str, list[bool]] = {k: [] for k in keys}
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         emb = clip_image_embeds(clip, x)
@@ -188,5 +188,264 @@ def zero_shot_attributes(
                 values = data.attribute_values(key, attrs)
                 captions = [data.caption({**attrs, key: v}) for v in values]
                 text = clip_text_embeds(clip, tokenize(tokenizer, captions))
-                correct[key] += int(values[int((text @ emb[i]).argmax())] == attrs[key])
-    return {k: correct[k] / len(images) for k in keys}
+                correct[key].append(values[int((text @ emb[i]).argmax())] == attrs[key])
+    return correct
+
+
+def zero_shot_attributes(
+    clip, tokenizer, images: Tensor, attributes: list[dict], keys=data.ATTRIBUTES, batch_size: int = 256
+) -> dict[str, float]:
+    """Zero-shot accuracy per attribute: for each image and attribute, CLIP picks among the
+    captions that differ from the image's caption only in that attribute."""
+    correct = zero_shot_correct(clip, tokenizer, images, attributes, keys, batch_size)
+    return {k: sum(v) / len(images) for k, v in correct.items()}
+
+
+# ----------------------------------------------------------------------------- CLIP with its pixel convention
+
+
+@dataclass
+class LoadedCLIP:
+    """A CLIP with the pixel convention it was trained on: a folder with ``preprocessor_config.json``
+    (OpenAI/open CLIPs) takes [0, 1] pixels normalised by its mean/std; fewstep's embedded CLIPs take
+    [-1, 1] pixels. Images are resized (bicubic, antialiased) to its ``image_size``."""
+
+    model: object
+    tokenizer: object
+    mean: Tensor | None = None
+    std: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """The vision tower's input side."""
+        return self.model.config.vision_config.image_size
+
+    def pixels(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> the model's pixel_values."""
+        x = images.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+        if self.mean is not None:
+            x = ((x + 1) / 2 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return x
+
+    @torch.no_grad()
+    def image_embeds(self, images: Tensor) -> Tensor:
+        """Unit-norm image embeddings of images in [-1, 1]."""
+        return clip_image_embeds(self.model, self.pixels(images))
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> Tensor:
+        """Unit-norm text embeddings (tokenised as the Stable Diffusion pipeline does)."""
+        return clip_text_embeds(self.model, tokenize(self.tokenizer, prompts))
+
+
+def load_clip_model(name: str) -> LoadedCLIP:
+    """``baselines.models.load_clip`` plus the pixel convention: a folder's ``preprocessor_config.json``
+    mean/std; a hub id's from the hub cache, else OpenAI's; fewstep's embedded CLIPs ([-1, 1]) otherwise."""
+    import json
+    from pathlib import Path
+
+    clip, tokenizer = models.load_clip(name)
+    local = name == "shapes" or Path(name).exists()
+    pre = Path(name) / "preprocessor_config.json" if Path(name).exists() else None
+    if not local:
+        try:  # a hub id: the processor config sits in the hub cache beside the weights
+            from huggingface_hub import hf_hub_download
+
+            pre = Path(hf_hub_download(name, "preprocessor_config.json"))
+        except Exception:  # no cache entry and no network: OpenAI's constants
+            return LoadedCLIP(clip, tokenizer, torch.tensor(_OPENAI_MEAN), torch.tensor(_OPENAI_STD))
+    if pre is not None and pre.is_file():
+        cfg = json.loads(pre.read_text())
+        return LoadedCLIP(clip, tokenizer, torch.tensor(cfg["image_mean"]), torch.tensor(cfg["image_std"]))
+    return LoadedCLIP(clip, tokenizer)
+
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_score(clip: LoadedCLIP, images: Tensor, prompts: list[str], batch_size: int = 256) -> Tensor:
+    """Per-image CLIP score 100 * max(cos(image, text), 0) (Hessel et al. 2021; the torchmetrics definition)."""
+    scores = []
+    for i in range(0, len(images), batch_size):
+        img = clip.image_embeds(images[i : i + batch_size])
+        txt = clip.text_embeds(prompts[i : i + batch_size])
+        scores.append(100 * (img * txt).sum(-1).clamp(min=0))
+    return torch.cat(scores)
+
+
+def clip_image_similarity(clip: LoadedCLIP, a: Tensor, b: Tensor) -> Tensor:
+    """Per-pair cosine similarity of CLIP image embeddings (edit fidelity: input vs output)."""
+    return (clip.image_embeds(a) * clip.image_embeds(b)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- Inception (FID)
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class InceptionExtractor:
+    """torch-fidelity's InceptionV3 (2048-d pool features, the network FID is defined on), through
+    torchmetrics' ``NoTrainInceptionV3``; weights from a given file, ``$FEWSTEP_INCEPTION_WEIGHTS`` or
+    the torch hub cache. Images are resized with the TF1-style bilinear resize of the reference code."""
+
+    name = "inception"
+
+    def __init__(self, weights: str | None = None):
+        from pathlib import Path
+
+        path = Path(weights or os.environ.get("FEWSTEP_INCEPTION_WEIGHTS") or inception_weights_default())
+        if not path.is_file():
+            raise FewstepError(
+                f"the 'inception' extractor needs torch-fidelity's weights file {INCEPTION_WEIGHTS}: not found at "
+                f"{path}; download it once (github.com/toshas/torch-fidelity releases v0.2.0) and put it there, "
+                "set FEWSTEP_INCEPTION_WEIGHTS, or use extractor 'inception:<file>'"
+            )
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            self.net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(path),
+                antialias=False,
+            )
+        except ModuleNotFoundError as e:
+            raise FewstepError(
+                f"the 'inception' extractor needs torch-fidelity: pip install torch-fidelity ({e})"
+            ) from None
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """2048-d features of images in [-1, 1] (quantised to uint8 first, as FID implementations do)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = ((images[i : i + batch_size].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out.append(self.net(x).reshape(len(x), -1).double())
+        return torch.cat(out)
+
+
+def inception_weights_default() -> str:
+    """Where the Inception weights are looked for: the torch hub checkpoints folder."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+
+
+# ----------------------------------------------------------------------------- KID, CMMD, bootstrap
+
+
+def kid(
+    x: Tensor | np.ndarray,
+    y: Tensor | np.ndarray,
+    *,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    coef0: float = 1.0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the polynomial kernel
+    k(a, b) = (a.b / d + coef0)^degree, averaged over random subsets; returns (mean, std over subsets)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    m = min(subset_size, len(x), len(y))
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    values = []
+    for _ in range(subsets):
+        a = x[rng.choice(len(x), m, replace=False)]
+        b = y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = ((u @ v.T / d + coef0) ** degree for u, v in ((a, a), (b, b), (a, b)))
+        mmd = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+def cmmd(
+    x: Tensor | np.ndarray, y: Tensor | np.ndarray, *, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE
+) -> float:
+    """CMMD (Jayasumana et al. 2024): scale * MMD^2 with the Gaussian kernel exp(-|a-b|^2 / (2 sigma^2)) on
+    CLIP embeddings, the (biased) all-pairs estimator of their reference code (sigma 10, scale 1000)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    gamma = 1 / (2 * sigma**2)
+
+    def k(a, b):
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+        return np.exp(-gamma * sq).mean()
+
+    return float(scale * (k(x, x) + k(y, y) - 2 * k(x, y)))
+
+
+def frechet_bootstrap(
+    ref: FeatureStats, features: Tensor | np.ndarray, *, rounds: int = 50, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the Fréchet distance: the generated features are resampled with
+    replacement (the reference statistics, from a larger fixed set, are held fixed)."""
+    f = np.asarray(features, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = [frechet_distance(ref, FeatureStats.of(f[rng.integers(0, len(f), len(f))])) for _ in range(rounds)]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- pixel fidelity (edits)
+
+
+def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None, *, data_range: float = 1.0) -> Tensor:
+    """Per-image PSNR in dB of images with values spanning ``data_range``; with a (N,1,H,W) mask in {0,1},
+    over the pixels where mask == 1 only."""
+    if mask is None:
+        from torchmetrics.functional.image import peak_signal_noise_ratio
+
+        return peak_signal_noise_ratio(a, b, data_range=data_range, reduction="none", dim=(1, 2, 3))
+    w = mask.expand_as(a).float()
+    mse = ((a - b) ** 2 * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp(min=1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None, *, data_range: float = 1.0) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004; torchmetrics, Gaussian window 11, sigma 1.5); with a mask, the SSIM
+    map averaged over the pixels where mask == 1."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if mask is None:
+        return structural_similarity_index_measure(a, b, data_range=data_range, reduction="none")
+    _, full = structural_similarity_index_measure(a, b, data_range=data_range, reduction="none", return_full_image=True)
+    w = mask.expand_as(full).float()
+    return (full * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp(min=1)
+
+
+LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"
+
+
+def lpips_unavailable() -> str | None:
+    """Why LPIPS cannot run here (None when it can): it needs the ``lpips`` package and its AlexNet
+    backbone weights in the torch hub cache; fewstep never runs it with random weights."""
+    try:
+        import lpips  # noqa: F401
+    except Exception as e:  # ImportError, or torchvision failing to import beside this torch
+        return f"LPIPS left out: the lpips package does not import ({e.__class__.__name__}: {str(e)[:80]})"
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_BACKBONE)
+    if not os.path.isfile(path):
+        return f"LPIPS left out: its AlexNet backbone weights are not at {path}"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _lpips_net():
+    import lpips
+
+    return lpips.LPIPS(net="alex", pretrained=True, verbose=False).eval()
+
+
+@torch.no_grad()
+def lpips_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image LPIPS (Zhang et al. 2018, AlexNet) of images in [-1, 1]; raises when unavailable."""
+    reason = lpips_unavailable()
+    if reason:
+        raise FewstepError(reason)
+    return _lpips_net()(a.float(), b.float()).flatten()

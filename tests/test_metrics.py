@@ -4,7 +4,27 @@ import scipy.linalg
 import torch
 
 from baselines import data
-from eval.metrics import FeatureStats, frechet_distance, gaussian_blur, low_level_features, metric_name
+from baselines.errors import FewstepError
+from eval.metrics import (
+    INCEPTION_WEIGHTS,
+    FeatureStats,
+    InceptionExtractor,
+    LoadedCLIP,
+    clip_image_similarity,
+    clip_score,
+    cmmd,
+    frechet_bootstrap,
+    frechet_distance,
+    gaussian_blur,
+    get_extractor,
+    kid,
+    low_level_features,
+    lpips_distance,
+    lpips_unavailable,
+    metric_name,
+    psnr,
+    ssim,
+)
 
 
 def _reference_fd(x: np.ndarray, y: np.ndarray) -> float:
@@ -51,3 +71,110 @@ def test_low_level_features_see_noise_and_blur():
 def test_gaussian_blur_preserves_constants():
     x = torch.full((1, 3, 8, 8), 0.3)
     torch.testing.assert_close(gaussian_blur(x, 1.0), x)
+
+
+# ----------------------------------------------------------------------------- KID, CMMD, CLIP score, edits
+
+
+def _kid_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    d, m, n = x.shape[1], len(x), len(y)
+    k = lambda a, b: (a @ b / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(30, 5)) + 0.5
+    mean, std = kid(x, y, subsets=1, subset_size=30)
+    assert mean == pytest.approx(_kid_by_loops(x, y), rel=1e-9)
+    assert std == 0
+    assert kid(x, x + 1.0, subsets=3, subset_size=20)[0] > 10 * abs(kid(x[:15], x[15:], subsets=3, subset_size=15)[0])
+
+
+def test_cmmd_matches_the_gaussian_kernel_formula():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(12, 4)), rng.normal(size=(9, 4)) * 2
+    g = lambda a, b: np.exp(-((a - b) ** 2).sum() / (2 * 10.0**2))  # noqa: E731
+    mean_k = lambda a, b: np.mean([g(u, v) for u in a for v in b])  # noqa: E731
+    expected = 1000 * (mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y))
+    assert cmmd(x, y) == pytest.approx(expected, rel=1e-9)
+    assert cmmd(x, x) == pytest.approx(0, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from baselines.models import build_clip, build_tokenizer, get_preset
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    return LoadedCLIP(build_clip(get_preset("tiny"), tok).eval(), tok)
+
+
+def test_clip_score_is_100_times_the_clamped_cosine(tiny_clip):
+    images = data.ShapesDataset(split="heldout", resolution=16).batch(range(6))
+    prompts = images["captions"][::-1]
+    ours = clip_score(tiny_clip, images["pixel_values"], prompts)
+    m = tiny_clip.model
+    with torch.no_grad():
+        ids = tiny_clip.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tiny_clip.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        text = m.text_projection(m.text_model(input_ids=ids).pooler_output)
+        image = m.visual_projection(m.vision_model(pixel_values=images["pixel_values"]).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(image, text, dim=-1)
+    torch.testing.assert_close(ours, 100 * cos.clamp(min=0), rtol=1e-5, atol=1e-4)
+    assert (ours >= 0).all() and ours.std() > 0
+
+
+def test_clip_image_similarity_of_an_image_with_itself_is_one(tiny_clip):
+    x = data.ShapesDataset(split="heldout", resolution=16).batch(range(3))["pixel_values"]
+    torch.testing.assert_close(clip_image_similarity(tiny_clip, x, x), torch.ones(3), rtol=0, atol=1e-5)
+
+
+def test_psnr_and_ssim_with_explicit_data_range_and_mask():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, generator=g)
+    b = a.clone()
+    b[:, :, :, 8:] = (b[:, :, :, 8:] + 0.1).clamp(0, 1)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., :8] = 1  # the unedited half
+    mse = ((a - b) ** 2).mean((1, 2, 3))
+    torch.testing.assert_close(psnr(a, b, data_range=1.0), 10 * torch.log10(1 / mse))
+    torch.testing.assert_close(psnr(2 * a, 2 * b, data_range=2.0), psnr(a, b, data_range=1.0))
+    assert torch.isinf(psnr(a, b, mask)).all()  # identical where mask == 1
+    assert (ssim(a, b) < 1).all() and (ssim(a, b, mask) > ssim(a, b)).all()
+    torch.testing.assert_close(ssim(a, a), torch.ones(2))
+
+
+def test_lpips_says_why_it_is_left_out(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reason = lpips_unavailable()
+    assert reason is not None and reason.startswith("LPIPS left out:") and "\n" not in reason
+    with pytest.raises(FewstepError, match="LPIPS left out"):
+        lpips_distance(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_inception_without_weights_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FewstepError, match=INCEPTION_WEIGHTS):
+        InceptionExtractor()
+    with pytest.raises(FewstepError, match="not found at /nonexistent/w.pth"):
+        get_extractor("inception:/nonexistent/w.pth")
+
+
+def test_fd_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(2)
+    ref = FeatureStats.of(rng.normal(size=(4000, 4)))
+    small, large = rng.normal(size=(100, 4)) + 0.3, rng.normal(size=(1600, 4)) + 0.3
+    lo_s, hi_s = frechet_bootstrap(ref, small, rounds=100)
+    lo_l, hi_l = frechet_bootstrap(ref, large, rounds=100)
+    assert lo_l <= frechet_distance(ref, FeatureStats.of(large)) <= hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 2
