@@ -163,6 +163,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         image, geometry = render(attributes, self.resolution, rng)
         return image, {**attributes, **geometry}
 
+    def caption_of(self, index: int) -> str:
+        """The caption of item ``index`` without rendering its image."""
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], int(index)])
+        return caption(sample_attributes(rng))
+
     def __getitem__(self, index: int) -> dict:
         image, attributes = self.sample(index)
         return {"pixel_values": to_tensor(image), "caption": caption(attributes), "attributes": attributes}

@@ -96,3 +96,47 @@ def convert(*, z: Tensor, pred: Tensor, source: str, target: str, alpha: Tensor,
 def ddim_step(*, x0: Tensor, eps: Tensor, alpha_prev: Tensor, sigma_prev: Tensor) -> Tensor:
     """Deterministic DDIM (eta = 0) update: z_{t'} = alpha_{t'} x0 + sigma_{t'} eps (Song et al. 2021, eq. 12)."""
     return diffuse(x0=x0, eps=eps, alpha=alpha_prev, sigma=sigma_prev)
+
+
+def trailing_timesteps(*, num_train_timesteps: int, steps: int) -> list[int]:
+    """The N-step "trailing" grid of diffusers (Lin et al. 2023, Table 2), first step first:
+    round(arange(T, 0, -T/N)) - 1. With T divisible by 2N, the N-step grid is every other point
+    of the 2N-step grid (progressive distillation's nested grids)."""
+    import numpy as np
+
+    if steps < 1 or steps > num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    return [int(t) for t in np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1]
+
+
+def trailing_transitions(*, num_train_timesteps: int, steps: int) -> list[tuple[int, int]]:
+    """(t, t_prev) for each step of the N-step trailing grid; the last step goes to t_prev = -1
+    ("after the last step": alpha = 1, sigma = 0 with ``set_alpha_to_one``)."""
+    grid = trailing_timesteps(num_train_timesteps=num_train_timesteps, steps=steps)
+    return list(zip(grid, grid[1:] + [-1]))
+
+
+def stock_ddim_is_exact(*, num_train_timesteps: int, steps: int) -> bool:
+    """Whether the stock ``DDIMScheduler.step`` walks the trailing grid exactly: it steps from t to
+    t - T // N (diffusers #9261), which is the next grid point for every step only for some N
+    (every N dividing T; e.g. T = 1000 is off-grid at N = 16 and 64)."""
+    stride = num_train_timesteps // steps
+    return all(
+        t - stride == t_prev or (t_prev == -1 and t - stride < 0)
+        for t, t_prev in trailing_transitions(num_train_timesteps=num_train_timesteps, steps=steps)
+    )
+
+
+def progressive_target(
+    *, z_t: Tensor, z_target: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_target: Tensor, sigma_target: Tensor
+) -> Tensor:
+    """Progressive distillation's target x~ (Salimans & Ho 2022, Alg. 2): the x0 with which ONE
+    DDIM step from z_t lands on z_target (= z'' after two teacher steps t -> t' -> t''):
+    x~ = (z'' - (sigma''/sigma_t) z_t) / (alpha'' - (sigma''/sigma_t) alpha_t)."""
+    ratio = _bcast(sigma_target / sigma_t, z_t)
+    return (z_target - ratio * z_t) / (_bcast(alpha_target, z_t) - ratio * _bcast(alpha_t, z_t))
+
+
+def truncated_snr_weight(*, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """max(SNR, 1): the x0-space loss weight of progressive distillation ("truncated SNR")."""
+    return torch.clamp(snr(alpha=alpha, sigma=sigma), min=1.0)

@@ -41,3 +41,13 @@ def denoising_loss(
         weight = {"eps": clipped / s, "x0": clipped, "v": clipped / (s + 1)}[native]
         per_sample = per_sample * weight
     return per_sample.mean() if reduce else per_sample
+
+
+def distillation_loss(*, prediction: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over the batch of weight x per-example MSE between a student's prediction and its
+    distillation target (progressive: x0 vs x~ with max(SNR, 1); guidance: the CFG teacher's
+    prediction in the student's native parametrisation)."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)
+    return per_sample.mean()

@@ -79,9 +79,10 @@ def generate(
     negative_prompt: str | list[str] | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    latents: bool = False,
 ) -> torch.Tensor:
     """Images (N,3,H,W) in [0,1] for ``prompts[i]`` with seed ``seeds[i]``; batching does not
-    change image i."""
+    change image i. With ``latents``, the final (scaled) latents instead, without VAE decoding."""
     if len(prompts) != len(seeds):
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
@@ -102,7 +103,7 @@ def generate(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            output_type="pt",
+            output_type="latent" if latents else "pt",
         )
         images.append(out.images.cpu())
     return torch.cat(images)

@@ -33,6 +33,8 @@ class StageKind:
 
 def _registry() -> dict[str, StageKind]:
     from baselines import teacher
+    from distill import guidance, progressive
+    from editing import dreambooth, imagic, inpaint, sdedit, textual_inversion
     from eval import checks
 
     return {
@@ -45,7 +47,16 @@ def _registry() -> dict[str, StageKind]:
         "check_teacher": StageKind(checks.CheckTeacherStage, checks.run_check_teacher),
         "ship": StageKind(checks.ShipStage, checks.run_ship),
         # distill/ (progressive, guidance)
+        "progressive": StageKind(progressive.ProgressiveStage, progressive.run_progressive, distributed=True),
+        "guidance": StageKind(guidance.GuidanceStage, guidance.run_guidance, distributed=True),
         # editing/ (imagic, sdedit, inpaint, textual_inversion, dreambooth)
+        "imagic": StageKind(imagic.ImagicStage, imagic.run_imagic, distributed=True),
+        "sdedit": StageKind(sdedit.SDEditStage, sdedit.run_sdedit),
+        "inpaint": StageKind(inpaint.InpaintStage, inpaint.run_inpaint),
+        "textual_inversion": StageKind(
+            textual_inversion.TextualInversionStage, textual_inversion.run_textual_inversion, distributed=True
+        ),
+        "dreambooth": StageKind(dreambooth.DreamBoothStage, dreambooth.run_dreambooth, distributed=True),
         # eval/ (sweep, edit_eval, report)
     }
 
