@@ -34,6 +34,99 @@ def _sample(args) -> None:
     print(f"wrote {len(paths)} images to {args.out}")
 
 
+def _edit(args) -> None:
+    from pathlib import Path
+
+    from baselines.train import TrainConfig
+    from editing import common, imagic, inpaint, sdedit
+
+    if args.mask is not None and args.method != "inpaint":
+        raise ConfigError("--mask is only used by 'fewstep edit inpaint'")
+    source = common.EditSource(image=args.image, prompt=args.prompt, source_prompt=args.source_prompt)
+    shared = dict(model=args.model, source=source, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
+    out = Path(args.out)
+    if args.method == "sdedit":
+        rows = sdedit.run_sdedit(sdedit.SDEditStage(**shared, strengths=args.strength or [0.6]), out)
+    elif args.method == "inpaint":
+        strength = args.strength[0] if args.strength else 1.0
+        rows = inpaint.run_inpaint(
+            inpaint.InpaintStage(**shared, mask=args.mask, strength=strength, composite=not args.no_composite), out
+        )
+    else:
+        stage = imagic.ImagicStage(
+            **shared,
+            etas=args.eta or imagic.ImagicStage().etas,
+            embedding=TrainConfig(steps=args.embedding_steps, batch_size=4, lr=1e-2, checkpoint_every=10_000),
+            finetune=TrainConfig(steps=args.finetune_steps, batch_size=4, lr=1e-4, checkpoint_every=10_000),
+        )
+        rows = imagic.run_imagic(stage, out)
+    print(f"wrote {len(rows)} edits to {out / 'edits.jsonl'}")
+
+
+def _concept(text: str | None) -> dict:
+    pairs = [p.split("=", 1) for p in (text or "colour=purple,shape=triangle").split(",") if p]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--concept {text!r} must look like colour=purple,shape=triangle")
+    return dict(pairs)
+
+
+def _train(args) -> None:
+    from pathlib import Path
+
+    from baselines.train import TrainConfig
+    from editing import common, dreambooth, textual_inversion
+
+    source = common.ConceptSource(
+        images=args.images, template=args.template, concept=_concept(args.concept), num_images=args.num_images
+    )
+    lr = args.lr or (5e-3 if args.method == "textual-inversion" else 5e-5)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, checkpoint_every=10_000)
+    out = Path(args.out)
+    if args.method == "textual-inversion":
+        stage = textual_inversion.TextualInversionStage(
+            model=args.model,
+            source=source,
+            placeholder=args.token or "<concept>",
+            num_vectors=args.num_vectors,
+            train=train,
+        )
+        textual_inversion.run_textual_inversion(stage, out)
+        print(f"wrote {out / textual_inversion.EMBEDS_FILE} (load with pipe.load_textual_inversion)")
+    else:
+        stage = dreambooth.DreamBoothStage(
+            model=args.model,
+            source=source,
+            identifier=args.token or "sks",
+            prior_weight=args.prior_weight,
+            num_class_images=args.num_class_images,
+            train_text_encoder=args.train_text_encoder,
+            train=train,
+        )
+        print(f"wrote {dreambooth.run_dreambooth(stage, out)}")
+
+
+def _report(args) -> None:
+    from eval.report import report_run_dir
+
+    print(f"wrote {report_run_dir(args.run_dir)}")
+
+
+def _bench(args) -> None:
+    from eval.bench import markdown_table, run_bench
+
+    rows = run_bench(
+        args.models,
+        args.steps,
+        out=args.out,
+        sampler=args.sampler,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+    )
+    print(markdown_table(rows))
+    print(f"wrote the table into {args.out}")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fewstep`` verb."""
     p = argparse.ArgumentParser(prog="fewstep", description="Fast, editable text-to-image latent diffusion.")
@@ -58,6 +151,58 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--out", required=True, help="output folder for PNGs")
     s.set_defaults(func=_sample)
+
+    from editing.common import IMAGE_HELP
+
+    edit = sub.add_parser("edit", help="edit an image: imagic | sdedit | inpaint", description=IMAGE_HELP)
+    edit.add_argument("method", choices=["imagic", "sdedit", "inpaint"])
+    edit.add_argument("model", help="'shapes', a pipeline folder (teacher or student), or a hub id")
+    edit.add_argument("--image", required=True, help=IMAGE_HELP)
+    edit.add_argument("--mask", default=None, help="inpaint: white = repaint; same size as the image")
+    edit.add_argument("--prompt", required=True, help="the target text")
+    edit.add_argument("--source-prompt", default=None, help="what the input shows (recorded only)")
+    edit.add_argument("--strength", type=float, nargs="+", default=None, help="sdedit sweep / inpaint, in [0, 1]")
+    edit.add_argument("--eta", type=float, nargs="+", default=None, help="imagic sweep (default 0 .25 .5 .75 1)")
+    edit.add_argument("--steps", type=int, default=None, help="default: the model's recommended steps")
+    edit.add_argument("--guidance-scale", type=float, default=None)
+    edit.add_argument("--embedding-steps", type=int, default=100, help="imagic stage A steps")
+    edit.add_argument("--finetune-steps", type=int, default=100, help="imagic stage B steps")
+    edit.add_argument("--no-composite", action="store_true", help="inpaint: do not paste unmasked pixels back")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--out", required=True, help="output folder (PNGs and edits.jsonl)")
+    edit.set_defaults(func=_edit)
+
+    t = sub.add_parser("train", help="personalise a model: textual-inversion | dreambooth", description=IMAGE_HELP)
+    t.add_argument("method", choices=["textual-inversion", "dreambooth"])
+    t.add_argument("model", help="'shapes', a pipeline folder, or a hub id")
+    t.add_argument("--images", default=None, help="folder of concept images; default: shapes images of --concept")
+    t.add_argument("--concept", default=None, help="shapes attributes, e.g. colour=purple,shape=triangle")
+    t.add_argument("--template", default="a photo of {}", help="prompt for --images; {} = the token")
+    t.add_argument("--token", default=None, help="placeholder (default <concept>) or identifier (default sks)")
+    t.add_argument("--num-images", type=int, default=4)
+    t.add_argument("--num-vectors", type=int, default=1, help="textual inversion: vectors per placeholder")
+    t.add_argument("--prior-weight", type=float, default=1.0, help="dreambooth: 0 turns prior preservation off")
+    t.add_argument("--num-class-images", type=int, default=8)
+    t.add_argument("--train-text-encoder", action="store_true")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=None, help="default 5e-3 (textual inversion), 5e-5 (dreambooth)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_train)
+    rep = sub.add_parser("report", help="render RUN/report/report.md from a run's sweep and edit-eval folders")
+    rep.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")
+    rep.set_defaults(func=_report)
+
+    b = sub.add_parser("bench", help="seconds per image vs the raw U-Net + VAE cost (sampling overhead)")
+    b.add_argument("models", nargs="*", help="'shapes', pipeline folders or name=folder (default: shapes)")
+    b.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    b.add_argument("--sampler", default=None, help="default: the model's recommended sampler")
+    b.add_argument("--guidance-scale", type=float, default=None, help="default: the model's recommended scale")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    b.add_argument("--out", default="BENCHMARKS.md", help="file whose bench section is replaced")
+    b.set_defaults(func=_bench)
     return p
 
 

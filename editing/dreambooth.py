@@ -1,0 +1,124 @@
+"""DreamBooth (Ruiz et al., CVPR 2023): fine-tune the U-Net (optionally the text encoder) on a few
+images of a subject bound to a rare identifier, with the class-specific prior-preservation loss
+(paper eq. 2): loss = instance + prior_weight x prior, the prior term on class images the
+original model generated from the class prompt. Saved as a pipeline folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from baselines import models
+from baselines.errors import ConfigError
+from baselines.guidance import UNetDenoiser, tokenize
+from baselines.losses import denoising_loss
+from baselines.samplers import generate, resolve_defaults
+from baselines.train import TrainConfig, is_main_process, train
+from editing.common import ConceptSource, concept_images, concept_prompts, encode_image, model_resolution
+from editing.imagic import freeze
+from editing.sdedit import guidance_conditioned
+
+
+@dataclass
+class DreamBoothStage:
+    """Bind ``identifier`` to the concept images; ``bind`` names the shapes attributes the
+    identifier replaces in the captions (the rest, e.g. the shape word, is the class noun)."""
+
+    kind: str = "dreambooth"
+    model: str = "shapes"
+    source: ConceptSource = field(default_factory=ConceptSource)
+    identifier: str = "sks"
+    bind: list[str] = field(default_factory=lambda: ["colour"])
+    prior_weight: float = 1.0  # 0 turns prior preservation off
+    num_class_images: int = 8
+    class_steps: int | None = None  # default: the model's recommended steps
+    class_guidance_scale: float | None = None
+    train_text_encoder: bool = False
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=5e-5, checkpoint_every=10_000, log_every=10)
+    )
+
+
+def class_prompts(cfg: DreamBoothStage, instance_prompts: list[str], n: int) -> list[str]:
+    """The class prompts: the instance prompts without the identifier (cycled to ``n``)."""
+    stripped = [" ".join(w for w in p.split(" ") if w != cfg.identifier) for p in instance_prompts]
+    return [stripped[i % len(stripped)] for i in range(n)]
+
+
+def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
+    """Generate class images, fine-tune through the one loop and save ``<out>/model``."""
+    if cfg.prior_weight < 0:
+        raise ConfigError(f"prior_weight must be >= 0, got {cfg.prior_weight}")
+    if cfg.source.images is None and (not cfg.bind or not set(cfg.bind) <= set(cfg.source.concept)):
+        raise ConfigError(f"bind {list(cfg.bind)} must name attributes of the concept {dict(cfg.source.concept)}")
+    pipe = models.load_pipeline(cfg.model)
+    info = models.read_info(cfg.model)
+    images = concept_images(cfg.source, model_resolution(pipe))
+    prompts = concept_prompts(cfg.source, images, list(cfg.bind), cfg.identifier)
+    latents = encode_image(pipe.vae, images.pixels)
+    instance_ids = tokenize(pipe.tokenizer, prompts)
+    prior = cfg.prior_weight > 0
+    if prior:
+        steps, scale, _ = resolve_defaults(
+            pipe, info, steps=cfg.class_steps, guidance_scale=cfg.class_guidance_scale, sampler="ddim"
+        )
+        cprompts = class_prompts(cfg, prompts, cfg.num_class_images)
+        class_pixels = generate(
+            pipe, cprompts, seeds=list(range(len(cprompts))), num_inference_steps=steps, guidance_scale=scale
+        )
+        class_latents = encode_image(pipe.vae, class_pixels * 2 - 1)
+        class_ids = tokenize(pipe.tokenizer, cprompts)
+    freeze(pipe)
+    pipe.unet.requires_grad_(True)
+    modules = {"unet": pipe.unet}
+    if cfg.train_text_encoder:
+        pipe.text_encoder.requires_grad_(True)
+        modules["text_encoder"] = pipe.text_encoder
+    denoiser = UNetDenoiser.from_pipeline(pipe)
+    scale = info.get("recommended", {}).get("guidance_scale", 1.0)
+    kwargs = {"guidance_scale": scale} if guidance_conditioned(pipe) else {}
+    bs = cfg.train.batch_size
+
+    def batches(i: int) -> dict:
+        batch = {"instance": torch.arange(i * bs, (i + 1) * bs) % len(prompts)}
+        if prior:
+            batch["class"] = torch.arange(i * bs, (i + 1) * bs) % len(cprompts)
+        return batch
+
+    def loss(batch: dict, generator: torch.Generator) -> Tensor:
+        idx = batch["instance"]
+        text = pipe.text_encoder(instance_ids[idx])[0]
+        value = denoising_loss(denoiser=denoiser, x0=latents[idx], text=text, generator=generator, **kwargs)
+        if prior:
+            cidx = batch["class"]
+            ctext = pipe.text_encoder(class_ids[cidx])[0]
+            value = value + cfg.prior_weight * denoising_loss(
+                denoiser=denoiser, x0=class_latents[cidx], text=ctext, generator=generator, **kwargs
+            )
+        return value
+
+    train(
+        loss=loss,
+        modules=modules,
+        batches=batches,
+        config=cfg.train,
+        out_dir=out / "train",
+        accelerator=accelerator,
+        desc="dreambooth",
+    )
+    freeze(pipe)
+    if is_main_process():
+        model_info = {
+            "method": "dreambooth",
+            "parent": str(cfg.model),
+            "instance_prompts": prompts,
+            "training_steps": cfg.train.steps,
+            "recommended": info.get("recommended", {}),
+            "config": asdict(cfg),
+        }
+        models.save_pipeline(pipe, out / "model", model_info)
+    return out / "model"

@@ -1,0 +1,219 @@
+"""Imagic (Kawar et al., CVPR 2023): edit one real image with a target text in three stages.
+
+A. with every weight frozen, optimise the text embedding e_opt (from e_tgt) to reconstruct the
+   image under the denoising loss;
+B. with e_opt fixed, fine-tune the U-Net to reconstruct the image better;
+C. sample from e = eta e_tgt + (1 - eta) e_opt with the fine-tuned model (paper eq. 1), for a
+   sweep of eta, through the one editing sampler (``img2img`` at strength 1).
+A and B are loss callables on the one training loop; any pipeline (teacher or guidance-
+conditioned student) works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from baselines import models
+from baselines.errors import ConfigError
+from baselines.guidance import UNetDenoiser, encode_text
+from baselines.losses import denoising_loss
+from baselines.samplers import resolve_defaults
+from baselines.train import TrainConfig, is_main_process, train
+from editing.common import (
+    EditSource,
+    Timer,
+    decode_latents,
+    edit_row,
+    encode_image,
+    model_resolution,
+    preflight,
+    resolve_inputs,
+    save_image,
+    save_strip,
+    write_rows,
+)
+from editing.sdedit import edit_nfe, guidance_conditioned, img2img
+
+
+class TextEmbedding(nn.Module):
+    """A trainable text embedding (1, L, D): Imagic's e_opt."""
+
+    def __init__(self, init: Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(init.detach().clone())
+
+    def forward(self, n: int) -> Tensor:
+        return self.embedding.expand(n, *self.embedding.shape[1:])
+
+
+def freeze(pipe) -> None:
+    """Stop gradients into every weight of the pipeline."""
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+
+
+def _reconstruction_loss(pipe, latents: Tensor, text_fn, batch_size: int, guidance_scale: float):
+    denoiser = UNetDenoiser.from_pipeline(pipe)
+    kwargs = {"guidance_scale": guidance_scale} if guidance_conditioned(pipe) else {}
+    x0 = latents.expand(batch_size, *latents.shape[1:])
+
+    def loss(batch: dict, generator: torch.Generator) -> Tensor:
+        return denoising_loss(denoiser=denoiser, x0=x0, text=text_fn(batch_size), generator=generator, **kwargs)
+
+    return loss
+
+
+def optimise_embedding(
+    pipe, latents: Tensor, e_tgt: Tensor, config: TrainConfig, out_dir: Path, *, guidance_scale: float, accelerator=None
+) -> Tensor:
+    """Stage A: e_opt minimising the denoising loss of ``latents`` (1,C,h,w), all weights frozen."""
+    freeze(pipe)
+    e_opt = TextEmbedding(e_tgt)
+    loss = _reconstruction_loss(pipe, latents, e_opt, config.batch_size, guidance_scale)
+    train(
+        loss=loss,
+        modules={"e_opt": e_opt},
+        batches=lambda i: {},
+        config=config,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        desc="imagic A",
+    )
+    return e_opt.embedding.detach().clone()
+
+
+def finetune_unet(
+    pipe, latents: Tensor, e_opt: Tensor, config: TrainConfig, out_dir: Path, *, guidance_scale: float, accelerator=None
+) -> None:
+    """Stage B: fine-tune the whole U-Net (in place) to reconstruct ``latents`` from fixed e_opt."""
+    freeze(pipe)
+    pipe.unet.requires_grad_(True)
+    e = e_opt.detach()
+    loss = _reconstruction_loss(pipe, latents, lambda n: e.expand(n, *e.shape[1:]), config.batch_size, guidance_scale)
+    train(
+        loss=loss,
+        modules={"unet": pipe.unet},
+        batches=lambda i: {},
+        config=config,
+        out_dir=out_dir,
+        accelerator=accelerator,
+        desc="imagic B",
+    )
+    pipe.unet.requires_grad_(False)
+
+
+def interpolate(e_tgt: Tensor, e_opt: Tensor, eta: float) -> Tensor:
+    """e = eta e_tgt + (1 - eta) e_opt (Kawar et al. eq. 1)."""
+    return eta * e_tgt + (1 - eta) * e_opt
+
+
+def sample_etas(pipe, e_tgt: Tensor, e_opt: Tensor, etas: list[float], *, steps: int, guidance_scale: float, seed: int):
+    """Stage C: one image per eta, all from the same seed, via the editing sampler at strength 1."""
+    h = pipe.unet.config.sample_size
+    zeros = torch.zeros(1, pipe.unet.config.in_channels, h, h)
+    images = []
+    for eta in etas:
+        latents = img2img(
+            pipe,
+            zeros,
+            interpolate(e_tgt, e_opt, eta),
+            strength=1.0,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seeds=[seed],
+        )
+        images.append(decode_latents(pipe.vae, latents)[0])
+    return torch.stack(images)
+
+
+@dataclass
+class ImagicStage:
+    """Imagic on a user image or held-out shapes images (one fine-tuned model per input)."""
+
+    kind: str = "imagic"
+    model: str = "shapes"
+    source: EditSource = field(default_factory=EditSource)
+    etas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    steps: int | None = None  # stage C; default: the model's recommended steps
+    guidance_scale: float | None = None  # stage C (and A/B for a guidance-conditioned student)
+    save_models: bool = True
+    seed: int = 0
+    embedding: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=1e-2, checkpoint_every=10_000, log_every=10)
+    )
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=1e-4, checkpoint_every=10_000, log_every=10)
+    )
+
+
+def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
+    """Stages A, B, C for every input; writes e_tgt/e_opt safetensors, the fine-tuned pipeline
+    folder, the edited images, a grid over eta and ``edits.jsonl``."""
+    if not cfg.etas:
+        raise ConfigError("etas is empty: give at least one eta (Imagic sweeps 0..1)")
+    preflight(cfg.source)
+    parent = models.load_pipeline(cfg.model)
+    info = models.read_info(cfg.model)
+    steps, scale, _ = resolve_defaults(parent, info, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim")
+    inputs = resolve_inputs(cfg.source, model_resolution(parent))
+    rows = []
+    for k, item in enumerate(inputs):
+        pipe = parent if k == 0 else models.load_pipeline(cfg.model)
+        folder = out / item.name
+        latents = encode_image(pipe.vae, item.pixels[None])
+        e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [item.prompt])
+        with Timer() as fit:
+            e_opt = optimise_embedding(
+                pipe,
+                latents,
+                e_tgt,
+                cfg.embedding,
+                folder / "train_embedding",
+                guidance_scale=scale,
+                accelerator=accelerator,
+            )
+            finetune_unet(
+                pipe, latents, e_opt, cfg.finetune, folder / "train_unet", guidance_scale=scale, accelerator=accelerator
+            )
+        if not is_main_process():
+            continue
+        save_file({"embedding": e_tgt.contiguous()}, folder / "e_tgt.safetensors")
+        save_file({"embedding": e_opt.contiguous()}, folder / "e_opt.safetensors")
+        if cfg.save_models:
+            model_info = {
+                "method": "imagic",
+                "parent": str(cfg.model),
+                "prompt": item.prompt,
+                "training_steps": {"embedding": cfg.embedding.steps, "finetune": cfg.finetune.steps},
+                "recommended": info.get("recommended", {}),
+                "config": asdict(cfg),
+            }
+            models.save_pipeline(pipe, folder / "model", model_info)
+        input_path = save_image(item.pixels, out / "inputs" / f"{item.name}.png")
+        with Timer() as sample:
+            images = sample_etas(pipe, e_tgt, e_opt, cfg.etas, steps=steps, guidance_scale=scale, seed=cfg.seed + k)
+        save_strip(torch.cat([item.pixels[None], images]), folder / "grid_eta.png")
+        nfe = edit_nfe(pipe, steps=steps, strength=1.0, guidance_scale=scale)
+        for eta, image in zip(cfg.etas, images):
+            path = save_image(image, out / "edits" / f"{item.name}_eta{eta:g}.png")
+            row = edit_row(
+                method="imagic",
+                model=str(cfg.model),
+                item=item,
+                input_path=input_path,
+                output_path=path,
+                mask_path=None,
+                param={"eta": eta},
+                steps=steps,
+                nfe=nfe,
+                seconds=sample.seconds / len(cfg.etas),
+            )
+            rows.append({**row, "fit_seconds": round(fit.seconds, 2)})
+    if is_main_process():
+        write_rows(out, rows)
+    return rows

@@ -1,0 +1,342 @@
+"""Editing on tiny components: SDEdit edge cases, inpainting, Imagic, textual inversion, DreamBooth,
+the one-line errors and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from baselines import diffusion, models
+from baselines.errors import ConfigError, FewstepError
+from baselines.guidance import encode_text
+from baselines.samplers import make_scheduler
+from baselines.train import TrainConfig
+from editing import common, dreambooth, imagic, inpaint, sdedit, textual_inversion
+from fewstep import cli
+
+PROMPT = "a small red circle on a blue background, top left"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    info = {"method": "test", "recommended": {"num_inference_steps": 4, "guidance_scale": 3.0}}
+    return models.save_pipeline(tiny_pipe, folder, info)
+
+
+def _pixels(pipe, n=2, seed=0):
+    return torch.stack([i.pixels for i in common.resolve_inputs(common.EditSource(num_inputs=n, seed=seed), 16)])
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _quick(steps=2):
+    return TrainConfig(steps=steps, batch_size=2, lr=1e-2, checkpoint_every=1000, log_every=1)
+
+
+# ----------------------------------------------------------------------------- SDEdit
+
+
+def test_strength_maps_to_the_start_of_the_grid_as_img2img():
+    assert common.start_index(10, 0.0) == 10 and common.start_index(10, 1.0) == 0
+    assert common.start_index(10, 0.55) == 5 and common.start_index(4, 0.5) == 2
+    for bad in (-0.1, 1.5):
+        with pytest.raises(FewstepError, match="strength"):
+            common.start_index(10, bad)
+
+
+def test_sdedit_strength_zero_returns_the_vae_reconstruction(tiny_pipe):
+    x = _pixels(tiny_pipe)
+    out = sdedit.sdedit(tiny_pipe, x, [PROMPT] * 2, strength=0.0, steps=4, guidance_scale=3.0, seeds=[0, 1])
+    recon = common.decode_latents(tiny_pipe.vae, common.encode_image(tiny_pipe.vae, x))
+    assert torch.equal(out, recon)
+    assert sdedit.edit_nfe(tiny_pipe, steps=4, strength=0.0, guidance_scale=3.0) == 0
+
+
+def test_sdedit_strength_one_starts_from_pure_noise_at_the_first_grid_point(tiny_pipe):
+    calls = []
+    base = sdedit.make_denoiser(tiny_pipe, 1.0)[0]
+
+    def spy(z, t, text, **kw):
+        calls.append((z.clone(), t.clone()))
+        return base(z, t, text, **kw)
+
+    latents = common.encode_image(tiny_pipe.vae, _pixels(tiny_pipe))
+    noise = common.draw_noise(tuple(latents.shape[1:]), [3, 4])
+    grid = common.timestep_grid(tiny_pipe.scheduler.config, 4)
+    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT] * 2)
+    common.ddim_partial(
+        spy,
+        alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
+        final_alpha_cumprod=1.0,
+        x0=latents,
+        noise=noise,
+        timesteps=grid,
+        start=common.start_index(4, 1.0),
+        text=text,
+    )
+    assert len(calls) == 4
+    z_first, t_first = calls[0]
+    assert int(t_first[0]) == tiny_pipe.scheduler.config.num_train_timesteps - 1
+    torch.testing.assert_close(z_first, noise)  # zero terminal SNR: alpha = 0 at the first grid point
+    calls.clear()
+    common.ddim_partial(
+        spy,
+        alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
+        final_alpha_cumprod=1.0,
+        x0=latents,
+        noise=noise,
+        timesteps=grid,
+        start=common.start_index(4, 0.5),
+        text=text,
+    )
+    assert [int(t[0]) for _, t in calls] == grid[2:].tolist()
+    alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod, t=grid[2:3].expand(2))
+    torch.testing.assert_close(calls[0][0], diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma))
+
+
+def test_img2img_at_strength_one_is_the_stock_ddim_pipeline(tiny_pipe):
+    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT])
+    h = tiny_pipe.unet.config.sample_size
+    ours = sdedit.img2img(
+        tiny_pipe, torch.zeros(1, 4, h, h), text, strength=1.0, steps=4, guidance_scale=3.0, seeds=[11]
+    )
+    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    stock = tiny_pipe(
+        PROMPT,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(11),
+        output_type="latent",
+    ).images
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- inpainting
+
+
+def test_inpaint_keeps_unmasked_latents_and_pixels(tiny_pipe):
+    x = _pixels(tiny_pipe)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:10, 3:9] = 1
+    latents = common.encode_image(tiny_pipe.vae, x)
+    keep = 1 - common.latent_mask(mask, latents.shape[-1])
+    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT] * 2)
+    out = inpaint.inpaint_latents(tiny_pipe, latents, keep, text, steps=4, guidance_scale=3.0, seeds=[0, 1])
+    k = keep.expand_as(latents).bool()
+    assert torch.equal(out[k], latents[k])
+    assert not torch.allclose(out[~k], latents[~k])
+    images = inpaint.inpaint(tiny_pipe, x, mask, [PROMPT] * 2, steps=4, guidance_scale=3.0, seeds=[0, 1])
+    unmasked = mask.expand_as(x) == 0
+    assert torch.equal(images[unmasked], x[unmasked])
+    raw = inpaint.inpaint(tiny_pipe, x, mask, [PROMPT] * 2, steps=4, guidance_scale=3.0, seeds=[0, 1], composite=False)
+    assert not torch.equal(raw[unmasked], x[unmasked])  # the VAE round trip alone would change them
+
+
+def test_thin_mask_strokes_survive_downsampling(tmp_path):
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[0, 0, :, 5] = 1  # a 1-pixel vertical stroke on an odd column
+    small = common.latent_mask(mask, 8)
+    assert small[0, 0, :, 2].all() and small.sum() == 8
+    assert torch.nn.functional.interpolate(mask, size=8, mode="nearest").sum() == 0  # nearest loses it
+    stroke = np.zeros((64, 64), np.uint8)
+    stroke[:, 33] = 255
+    Image.fromarray(stroke).save(tmp_path / "mask.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "image.png")
+    loaded = common.load_mask(tmp_path / "mask.png", tmp_path / "image.png", 16)
+    assert loaded.shape == (1, 16, 16) and loaded[0, :, 8].all() and loaded.sum() == 16
+
+
+def test_bad_masks_are_one_line_errors(tmp_path):
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.full((10, 20), 255, np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    (tmp_path / "text.png").write_text("not an image")
+    for name, match in (("empty.png", "empty"), ("small.png", "10x20|20x10"), ("text.png", "cannot read")):
+        with pytest.raises(FewstepError, match=match) as e:
+            common.load_mask(tmp_path / name, tmp_path / "image.png", 16)
+        assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- Imagic
+
+
+def test_imagic_stage_a_trains_only_the_embedding_and_stage_b_only_the_unet(tiny_folder, tmp_path):
+    pipe = models.load_pipeline(tiny_folder)
+    before = {m: _state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    latents = common.encode_image(pipe.vae, _pixels(pipe, 1))
+    e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [PROMPT])
+    e_opt = imagic.optimise_embedding(pipe, latents, e_tgt, _quick(), tmp_path / "a", guidance_scale=3.0)
+    assert e_opt.shape == e_tgt.shape and not torch.equal(e_opt, e_tgt)
+    assert all(_same(before[m], _state(getattr(pipe, m))) for m in before)
+    e_copy = e_opt.clone()
+    imagic.finetune_unet(pipe, latents, e_opt, _quick(), tmp_path / "b", guidance_scale=3.0)
+    assert not _same(before["unet"], _state(pipe.unet))
+    assert _same(before["vae"], _state(pipe.vae)) and _same(before["text_encoder"], _state(pipe.text_encoder))
+    assert torch.equal(e_opt, e_copy)
+    torch.testing.assert_close(imagic.interpolate(e_tgt, e_opt, 1.0), e_tgt)
+
+
+def test_imagic_stage_writes_the_output_contract_and_is_reproducible(tiny_folder, tmp_path):
+    cfg = imagic.ImagicStage(
+        model=str(tiny_folder),
+        source=common.EditSource(num_inputs=1, change={"shape": "square"}),
+        etas=[0.0, 1.0],
+        steps=2,
+        embedding=_quick(),
+        finetune=_quick(),
+    )
+    rows = imagic.run_imagic(cfg, tmp_path / "run")
+    assert len(rows) == 2 and [r["param"] for r in rows] == [{"eta": 0.0}, {"eta": 1.0}]
+    saved = [json.loads(line) for line in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
+    assert saved == rows
+    row = rows[0]
+    assert row["method"] == "imagic" and row["nfe"] == 4 and row["steps"] == 2 and row["mask"] is None
+    assert row["target_attributes"]["shape"] == "square" and row["input_attributes"]["shape"] != "square"
+    assert Image.open(row["output"]).size == (16, 16) and Image.open(row["input"]).size == (16, 16)
+    folder = tmp_path / "run" / row["input"].split("/")[-1][:-4]
+    for name in ("e_tgt.safetensors", "e_opt.safetensors", "grid_eta.png", "model/fewstep.json"):
+        assert (folder / name).exists(), name
+    assert json.loads((folder / "model" / "fewstep.json").read_text())["method"] == "imagic"
+    models.load_pipeline(folder / "model")
+    again = imagic.run_imagic(cfg, tmp_path / "again")
+    assert np.array_equal(np.asarray(Image.open(again[1]["output"])), np.asarray(Image.open(rows[1]["output"])))
+
+
+def test_empty_eta_sweep_fails_before_writing(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="etas"):
+        imagic.run_imagic(imagic.ImagicStage(model=str(tiny_folder), etas=[]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- textual inversion
+
+
+def test_textual_inversion_changes_only_new_rows_and_loads_in_stock_diffusers(tiny_folder, tmp_path):
+    pipe = models.load_pipeline(tiny_folder)
+    rows_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    unet_before = _state(pipe.unet)
+    cfg = textual_inversion.TextualInversionStage(
+        model=str(tiny_folder),
+        source=common.ConceptSource(num_images=2),
+        placeholder="<tri>",
+        num_vectors=2,
+        train=_quick(3),
+    )
+    learned = textual_inversion.learn_embeddings(pipe, cfg, tmp_path / "train")["<tri>"]
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    assert weight.shape[0] == rows_before.shape[0] + 2 and learned.shape == (2, rows_before.shape[1])
+    assert torch.equal(weight[: rows_before.shape[0]], rows_before)  # bit-identical old rows
+    init = rows_before[pipe.tokenizer("shape", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.allclose(learned, init.expand_as(learned))
+    assert _same(unet_before, _state(pipe.unet))
+
+    textual_inversion.run_textual_inversion(cfg, tmp_path / "ti")
+    stock = StableDiffusionPipeline.from_pretrained(str(tiny_folder), safety_checker=None)
+    stock.load_textual_inversion(str(tmp_path / "ti" / textual_inversion.EMBEDS_FILE))
+    theirs, _ = stock.encode_prompt("a small <tri> on a red background, center", "cpu", 1, False)
+    ref = models.load_pipeline(tiny_folder)
+    textual_inversion.learn_embeddings(ref, cfg, tmp_path / "ti" / "train")  # resumes from the finished run
+    ours = encode_text(ref.tokenizer, ref.text_encoder, ["a small <tri> <tri>_1 on a red background, center"])
+    torch.testing.assert_close(theirs, ours)
+
+
+def test_textual_inversion_rejects_an_existing_token(tiny_folder, tmp_path):
+    cfg = textual_inversion.TextualInversionStage(model=str(tiny_folder), placeholder="circle</w>", train=_quick())
+    with pytest.raises(ConfigError, match="already a token"):
+        textual_inversion.run_textual_inversion(cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------- DreamBooth
+
+
+def test_dreambooth_trains_the_unet_only_and_saves_a_pipeline(tiny_folder, tmp_path):
+    cfg = dreambooth.DreamBoothStage(
+        model=str(tiny_folder), source=common.ConceptSource(num_images=2), num_class_images=2, train=_quick()
+    )
+    ref = models.load_pipeline(tiny_folder)
+    folder = dreambooth.run_dreambooth(cfg, tmp_path / "db")
+    tuned = models.load_pipeline(folder)
+    assert not _same(_state(ref.unet), _state(tuned.unet))
+    assert _same(_state(ref.vae), _state(tuned.vae)) and _same(_state(ref.text_encoder), _state(tuned.text_encoder))
+    info = json.loads((folder / "fewstep.json").read_text())
+    assert info["method"] == "dreambooth" and info["instance_prompts"][0].startswith("a ")
+    assert "sks purple" not in info["instance_prompts"][0] and "sks triangle" in info["instance_prompts"][0]
+    assert dreambooth.class_prompts(cfg, info["instance_prompts"], 3)[0] == info["instance_prompts"][0].replace(
+        "sks ", ""
+    )
+
+
+def test_dreambooth_bad_bind_is_a_config_error(tiny_folder, tmp_path):
+    cfg = dreambooth.DreamBoothStage(model=str(tiny_folder), bind=["background"], train=_quick())
+    with pytest.raises(ConfigError, match="bind"):
+        dreambooth.run_dreambooth(cfg, tmp_path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_edits_grey_rgba_and_odd_sized_images(tiny_folder, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (23, 37), dtype=np.uint8)).save(tmp_path / "g.png")
+    rgba = np.random.default_rng(1).integers(0, 255, (40, 30, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    mask = np.zeros((40, 30), np.uint8)
+    mask[10:20, 5:15] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    args = ["--prompt", PROMPT, "--steps", "2"]
+    assert (
+        cli.main(
+            [
+                "edit",
+                "sdedit",
+                str(tiny_folder),
+                "--image",
+                str(tmp_path / "g.png"),
+                *args,
+                "--strength",
+                "0.5",
+                "--out",
+                str(tmp_path / "sd"),
+            ]
+        )
+        == 0
+    )
+    assert cli.main(["edit", "inpaint", str(tiny_folder), "--image", str(tmp_path / "rgba.png"), "--mask",
+                     str(tmp_path / "mask.png"), *args, "--out", str(tmp_path / "ip")]) == 0  # fmt: skip
+    for run in ("sd", "ip"):
+        row = json.loads((tmp_path / run / "edits.jsonl").read_text())
+        assert Image.open(row["output"]).size == (16, 16) and row["target_attributes"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "missing.png"], "not found"),
+        (["--image", "{text}"], "cannot read"),
+        (["--image", "{image}", "--strength", "1.5"], "strength"),
+        (["--image", "{image}", "--mask", "{empty}"], "empty"),
+        (["--image", "{image}", "--mask", "{small}"], "is 4x4 but the image is 20x20"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, capsys, extra, message):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "text.png").write_text("not an image")
+    paths = {k: str(tmp_path / f"{k}.png") for k in ("image", "text", "empty", "small")}
+    extra = [e.format(**paths) for e in extra]
+    verb = "inpaint" if "--mask" in extra else "sdedit"
+    out = tmp_path / "out"
+    code = cli.main(["edit", verb, str(tiny_folder), *extra, "--prompt", PROMPT, "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and message in err and len(err.splitlines()) == 1
+    assert not out.exists()
