@@ -1,0 +1,167 @@
+"""``fewstep bench``: seconds per image of the sampling pipeline next to the raw cost of its U-Net
+evaluations plus one VAE decode, measured in the same run on the same batch; overhead = pipeline / raw.
+
+The raw cost is the bare ``unet(latents, t, encoder_hidden_states)`` forward on the batch the pipeline
+feeds it (doubled under classifier-free guidance; with the guidance embedding for a w-conditioned
+student) times the number of U-Net calls, plus ``vae.decode`` of the batch. Everything else the
+pipeline does (text encoding, scheduler maths, latent preparation, post-processing) is overhead.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from baselines import data, models
+from baselines.errors import FewstepError
+from baselines.samplers import generate, resolve_defaults, unet_evaluations
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float]:
+    """(seconds of one bare U-Net forward on the pipeline's batch, seconds of one VAE decode of the batch)."""
+    conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    cfg = guidance_scale > 1 and not conditioned
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, cfg)
+    states = torch.cat([uncond, cond]) if cfg else cond
+    size = pipe.unet.config.sample_size
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((len(states), pipe.unet.config.in_channels, size, size), generator=g)
+    t = torch.tensor(pipe.scheduler.config.num_train_timesteps // 2)
+    extra = {}
+    if conditioned:
+        w = torch.full((len(states),), guidance_scale - 1)
+        extra["timestep_cond"] = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+    pipe.unet(latents, t, encoder_hidden_states=states, **extra)  # warm-up
+    unet = _median_seconds(lambda: pipe.unet(latents, t, encoder_hidden_states=states, **extra), repeats)
+    z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
+    pipe.vae.decode(z)
+    vae = _median_seconds(lambda: pipe.vae.decode(z), repeats)
+    return unet, vae
+
+
+def bench_model(
+    model: str,
+    steps: list[int],
+    *,
+    name: str | None = None,
+    sampler: str | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    repeats: int = 3,
+) -> list[dict]:
+    """One row per step count: pipeline seconds per image, raw U-Net + VAE seconds per image, overhead."""
+    pipe = models.load_pipeline(model)
+    info = models.read_info(model)
+    _, scale, sampler = resolve_defaults(pipe, info, steps=1, guidance_scale=guidance_scale, sampler=sampler)
+    conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompts = data.ShapesDataset(split="heldout", resolution=res).batch(range(batch_size))["captions"]
+    seeds = list(range(batch_size))
+    unet_s, vae_s = raw_costs(pipe, prompts, scale, repeats=max(repeats, 5))
+    rows = []
+    for n in steps:
+        run = lambda n=n: generate(  # noqa: E731
+            pipe,
+            prompts,
+            seeds=seeds,
+            sampler=sampler,
+            num_inference_steps=n,
+            guidance_scale=scale,
+            batch_size=batch_size,
+        )
+        run()  # warm-up (scheduler set-up, allocator)
+        pipeline = _median_seconds(run, repeats)
+        nfe = unet_evaluations(sampler=sampler, steps=n, guidance_scale=scale, guidance_conditioned=conditioned)
+        calls = nfe // (2 if scale > 1 and not conditioned else 1)  # the CFG pair is one batched call
+        raw = calls * unet_s + vae_s
+        rows.append(
+            {
+                "model": name or str(model),
+                "method": info.get("method", "pretrained"),
+                "sampler": sampler,
+                "steps": n,
+                "guidance_scale": scale,
+                "nfe": nfe,
+                "batch_size": batch_size,
+                "seconds_per_image": pipeline / batch_size,
+                "raw_seconds_per_image": raw / batch_size,
+                "unet_ms_per_call": 1000 * unet_s,
+                "vae_decode_ms": 1000 * vae_s,
+                "overhead": pipeline / raw,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The bench rows as a markdown table."""
+    head = (
+        "| model | method | sampler | steps | w | nfe | s/image | raw U-Net+VAE s/image | U-Net ms/call "
+        "| VAE ms | overhead |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {r['nfe']} "
+            f"| {r['seconds_per_image']:.4f} | {r['raw_seconds_per_image']:.4f} | {r['unet_ms_per_call']:.1f} "
+            f"| {r['vae_decode_ms']:.1f} | {r['overhead']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: str | Path, body: str) -> Path:
+    """Replace the text between the bench markers in ``path`` (append a section with them if absent)."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    block = f"{START}\n{body.rstrip()}\n{END}"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, count=1, flags=re.S)
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + f"## Sampling overhead (`fewstep bench`)\n\n{block}\n"
+    path.write_text(text)
+    return path
+
+
+def run_bench(
+    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=3
+) -> list[dict]:
+    """The ``fewstep bench`` verb: models given as ``path`` or ``name=path``; writes the table into ``out``."""
+    if not specs:
+        specs = ["shapes"]
+    rows = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        if not steps or min(steps) < 1:
+            raise FewstepError("--steps needs step counts >= 1")
+        rows += bench_model(
+            path,
+            steps,
+            name=name,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+            repeats=repeats,
+        )
+    body = (
+        f"Measured {time.strftime('%Y-%m-%d')} with {torch.get_num_threads()} torch thread(s), batch {batch_size}, "
+        f"median of {repeats} runs. raw = U-Net calls x one bare U-Net forward on the same batch (CFG pair batched) "
+        "+ one VAE decode; overhead = pipeline time / raw.\n\n" + markdown_table(rows)
+    )
+    write_section(out, body)
+    return rows

@@ -1,0 +1,270 @@
+"""The ``report`` stage and ``fewstep report RUN``: ``report.md`` with tables, plots and image grids from
+sweep folders (``results.jsonl``) and edit-evaluation folders (``edit_results.jsonl``)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from baselines.errors import FewstepError
+from eval.sweep import read_rows
+
+PER_CELL = ("CMMD", "CLIP score", "attribute accuracy", "seconds_per_image")
+EDIT_METRICS = ("PSNR", "PSNR unmasked", "SSIM", "SSIM unmasked", "LPIPS", "CLIP image similarity")
+EDIT_ACCURACY = ("target attribute accuracy", "preserved attribute accuracy")
+
+
+@dataclass
+class ReportStage:
+    """Render ``report.md`` from sweep and edit-evaluation stage folders."""
+
+    kind: str = "report"
+    sweeps: list[str] = field(default_factory=list)
+    edits: list[str] = field(default_factory=list)
+    title: str = "fewstep report"
+
+
+def fd_keys(rows: list[dict]) -> list[str]:
+    """The Fréchet-distance columns of the rows ('FID', 'FD-<features>'), in the sweep's extractor order."""
+    keys = {k for r in rows for k in r if (k == "FID" or k.startswith("FD-")) and not k.endswith("_ci95")}
+    return sorted(keys, key=lambda k: (k != "FID", k))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def metric_tables(rows: list[dict]) -> str:
+    """One markdown table per metric: rows = (line, guidance scale), columns = step counts."""
+    kids = sorted({k for r in rows for k in r if k.startswith("KID") and not k.endswith("_std")})
+    names = fd_keys(rows) + kids
+    names += [m for m in PER_CELL if any(m in r for r in rows)]
+    steps = sorted({r["steps"] for r in rows})
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["label"], r["guidance_scale"])][r["steps"]] = r
+    text = []
+    for name in names:
+        text += [f"### {name}", "", "| line | guidance | " + " | ".join(f"{s} steps" for s in steps) + " |"]
+        text.append("|---|---|" + "---|" * len(steps))
+        for (label, scale), by_steps in sorted(groups.items()):
+            cells = []
+            for s in steps:
+                r = by_steps.get(s)
+                if r is None or name not in r:
+                    cells.append("")
+                    continue
+                ci = r.get(f"{name}_ci95")
+                extra = f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+                cells.append(f"{_fmt(r[name])}{extra} (nfe {r['nfe']})")
+            text.append(f"| {label} | {scale:g} | " + " | ".join(cells) + " |")
+        text.append("")
+    return "\n".join(text)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
+    """Metric vs U-Net evaluations per image (log x), one line per (method line, guidance scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = defaultdict(list)
+    for r in rows:
+        if metric in r:
+            groups[(r["label"], r["guidance_scale"])].append(r)
+    for (label, scale), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["nfe"])
+        x, y = [r["nfe"] for r in rs], [r[metric] for r in rs]
+        ci = [r.get(f"{metric}_ci95") for r in rs]
+        if all(ci):
+            yerr = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]
+            ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{label}, w={scale:g}")
+        else:
+            ax.plot(x, y, marker="o", label=f"{label}, w={scale:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("U-Net evaluations per image (log)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs sampling cost")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(rows: list[dict], fd: str, path: Path) -> Path | None:
+    """FD vs CLIP score over guidance scales at fixed steps (Meng et al. 2023, Fig. 4 style)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if fd in r and "CLIP score" in r:
+            groups[(r["label"], r["steps"])].append(r)
+    groups = {k: v for k, v in groups.items() if len({r["guidance_scale"] for r in v}) > 1}
+    if not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, steps), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["guidance_scale"])
+        ax.plot([r["CLIP score"] for r in rs], [r[fd] for r in rs], marker="o", label=f"{label}, {steps} steps")
+        for r in rs:
+            ax.annotate(
+                f"w={r['guidance_scale']:g}",
+                (r["CLIP score"], r[fd]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("CLIP score")
+    ax.set_ylabel(fd)
+    ax.set_yscale("log")
+    ax.set_title(f"{fd} vs CLIP score over guidance scale")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_edits(rows: list[dict], path: Path) -> Path:
+    """Edit fidelity vs edit parameter (strength / eta): one panel per metric, one line per method."""
+    metrics = [m for m in EDIT_METRICS + EDIT_ACCURACY if any(m in r for r in rows)]
+    plt = _plt()
+    cols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["model"], r["param"])].append(r)
+    for ax, m in zip(axes.flat, metrics):
+        for (method, model, param), rs in sorted(groups.items()):
+            rs = sorted((r for r in rs if m in r), key=lambda r: r["value"])
+            if rs:
+                ax.plot(
+                    [r["value"] for r in rs],
+                    [r[m] for r in rs],
+                    marker="o",
+                    label=f"{method} ({param}), {Path(str(model)).name}",
+                )
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("strength / eta")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def combined_grid(rows: list[dict], sweep_dir: Path, path: Path) -> Path | None:
+    """Stack the cells' grid strips (same prompts and seeds) into one labelled image."""
+    strips = [(r, sweep_dir / r["grid"]) for r in rows if r.get("grid") and (sweep_dir / r["grid"]).is_file()]
+    if not strips:
+        return None
+    images = [(f"{r['label']}, {r['steps']} steps, w={r['guidance_scale']:g}", Image.open(p)) for r, p in strips]
+    left = 8 + 6 * max(len(t) for t, _ in images)
+    width = left + max(im.width for _, im in images)
+    canvas = Image.new("RGB", (width, sum(im.height for _, im in images)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for text, im in images:
+        canvas.paste(im.convert("RGB"), (left, y))
+        draw.text((4, y + im.height // 2 - 5), text, fill="black")
+        y += im.height
+    canvas.save(path)
+    return path
+
+
+def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str = "fewstep report") -> Path:
+    """Write ``<out>/report.md`` and its PNGs; returns the report path."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""]
+    for sweep in map(Path, sweeps):
+        rows = read_rows(sweep / "results.jsonl")
+        if not rows:
+            raise FewstepError(f"{sweep / 'results.jsonl'} has no rows: run the sweep first")
+        tag = sweep.name
+        fds = fd_keys(rows)
+        fd = fds[0] if fds else None
+        n = sorted({r["n_images"] for r in rows})
+        lines += [f"## Sweep `{tag}` ({len(rows)} cells, {n} images per cell)", ""]
+        lines += [
+            "Same prompts and per-image seeds in every cell. nfe = U-Net evaluations per image (CFG counts double; "
+            "a guidance-conditioned student one per step). FD cells show the 95% bootstrap interval "
+            "(generated set resampled) in brackets.",
+            "",
+        ]
+        for metric in fds + ["CLIP score", "CMMD", "attribute accuracy"]:
+            if any(metric in r for r in rows):
+                slug = metric.replace(" ", "_").replace("/", "_")
+                p = plot_vs_nfe(rows, metric, out / f"{tag}_{slug}_vs_nfe.png")
+                lines += [f"![{metric} vs U-Net evaluations]({p.name})", ""]
+        if fd:
+            p = plot_tradeoff(rows, fd, out / f"{tag}_tradeoff.png")
+            if p:
+                lines += [f"![{fd} vs CLIP score over guidance]({p.name})", ""]
+        lines += [metric_tables(rows), "### Images (first images of every cell; same prompts and seeds)", ""]
+        by_group = defaultdict(list)
+        for r in rows:
+            by_group[r["model"]].append(r)
+        for model, rs in sorted(by_group.items()):
+            rs.sort(key=lambda r: (r["sampler"], r["guidance_scale"], r["steps"]))
+            p = combined_grid(rs, sweep, out / f"{tag}_grid_{model}.png")
+            if p:
+                lines += [f"![{model}]({p.name})", ""]
+    for folder in map(Path, edits):
+        rows = read_rows(folder / "edit_results.jsonl")
+        if not rows:
+            continue
+        lines += [f"## Edit fidelity `{folder.name}`", ""]
+        note = folder / "NOTES.txt"
+        if note.is_file():
+            lines += [note.read_text().strip(), ""]
+        p = plot_edits(rows, out / f"{folder.name}_edits.png")
+        lines += [f"![edit fidelity]({p.name})", ""]
+        cols = [m for m in EDIT_METRICS + EDIT_ACCURACY + ("nfe", "seconds") if any(m in r for r in rows)]
+        lines += ["| method | model | param | n | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            vals = " | ".join(_fmt(r.get(c)) for c in cols)
+            lines.append(
+                f"| {r['method']} | {Path(str(r['model'])).name} | {r['param']}={r['value']:g} | {r['n']} | {vals} |"
+            )
+        lines.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def run_report(cfg: ReportStage, out: Path) -> Path:
+    """The ``report`` stage."""
+    return render_report([Path(s) for s in cfg.sweeps], [Path(e) for e in cfg.edits], out, cfg.title)
+
+
+def report_run_dir(run_dir: str | Path) -> Path:
+    """``fewstep report RUN``: every stage folder of RUN with results.jsonl / edit_results.jsonl ->
+    ``RUN/report/report.md``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FewstepError(f"run folder not found: {run_dir}")
+    sweeps = sorted(p.parent for p in run_dir.glob("*/results.jsonl"))
+    edits = sorted(p.parent for p in run_dir.glob("*/edit_results.jsonl"))
+    if not sweeps and not edits:
+        raise FewstepError(f"{run_dir} has no stage folder with results.jsonl or edit_results.jsonl")
+    return render_report(sweeps, edits, run_dir / "report", f"fewstep report: {run_dir.name}")

@@ -1,0 +1,324 @@
+"""The ``sweep`` stage: a grid of models x samplers x step counts x guidance scales over pipeline folders.
+
+Every cell samples the same prompts with the same per-image seeds (image i uses ``seed + i``), measures
+its metrics against cached reference features of real images, and appends one JSON row to
+``results.jsonl``; a cell whose row is already there (same cell hash) is skipped, so a killed sweep
+resumes. Students (fewstep.json ``method`` progressive / guidance / guidance+progressive) run on their
+own scheduler config ("ddim" = DDIM over it) at the steps they were distilled for unless a model entry
+says otherwise; a guidance-conditioned U-Net (``time_cond_proj_dim``) costs one pass per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from baselines import data, models
+from baselines.errors import ConfigError, FewstepError
+from baselines.samplers import SAMPLERS, generate, unet_evaluations
+from baselines.train import process_group
+from eval import metrics as M
+from eval.grids import save_grid
+
+STUDENT_METHODS = ("progressive", "guidance", "guidance+progressive")
+METRICS = ("fd", "kid", "cmmd", "clip_score", "attributes")
+SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp-2m": "DPM-Solver++(2M)", "unipc": "UniPC", "euler": "Euler", "heun": "Heun"}
+_MODEL_KEYS = {"name", "path", "samplers", "steps", "guidance_scales"}
+_SHAPES_REF_START = data.HELDOUT_SIZE // 2  # reference images: held-out indices from here, disjoint from prompts
+_SHAPES_REF_STOP = data.HELDOUT_SIZE - 2000  # the embedded evaluator standardises on the last 2000
+
+
+def normalise_models(models_cfg: Any) -> list[dict]:
+    """``{name: path}`` or ``[{name, path, samplers?, steps?, guidance_scales?}]`` -> a list of entries."""
+    if isinstance(models_cfg, dict):
+        models_cfg = [{"name": k, "path": v} for k, v in models_cfg.items()]
+    if not isinstance(models_cfg, list) or not models_cfg:
+        raise ConfigError("sweep.models must be a non-empty list of {name, path} or a mapping name -> path")
+    out = []
+    for i, entry in enumerate(models_cfg):
+        if not isinstance(entry, dict) or "name" not in entry or "path" not in entry:
+            raise ConfigError(f"sweep.models[{i}] needs 'name' and 'path'")
+        unknown = set(entry) - _MODEL_KEYS
+        if unknown:
+            raise ConfigError(f"sweep.models[{i}].{sorted(unknown)[0]}: unknown key (allowed: {sorted(_MODEL_KEYS)})")
+        out.append({k: entry.get(k) for k in sorted(_MODEL_KEYS)})
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep.models: model names must be unique, got {names}")
+    return out
+
+
+@dataclass
+class SweepStage:
+    """A quality / cost grid over pipeline folders (see the module docstring)."""
+
+    kind: str = "sweep"
+    models: Any = MISSING  # {name: path} or [{name, path, samplers?, steps?, guidance_scales?}]
+    dataset: str = "shapes"  # prompts and reference images: 'shapes' (held-out split) or a caption folder
+    prompts: str | None = None  # a text file, one prompt per line (overrides the dataset's captions)
+    samplers: list[str] = field(default_factory=lambda: ["ddim"])
+    steps: list[int] = field(default_factory=lambda: [4])
+    guidance_scales: list[float] = field(default_factory=lambda: [4.0])
+    n_images: int = 200
+    reference_images: int = 2000
+    extractors: list[str] = field(default_factory=lambda: ["embedded"])  # FD / KID on each: FID, FD-clip, ...
+    clip: str = "shapes"  # CLIP for CLIP score, CMMD and attribute accuracy
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    bootstrap: int = 50  # FD bootstrap rounds for the 95% interval (0: none)
+    grid_images: int = 8
+    seed: int = 0
+    batch_size: int = 50
+    cache_dir: str = "runs/.cache"
+
+    def __post_init__(self):
+        self.models = normalise_models(self.models)
+        for s in self.samplers + [s for m in self.models for s in m["samplers"] or []]:
+            if s not in SAMPLERS:
+                raise ConfigError(f"sweep.samplers: unknown sampler {s!r}; choose from {sorted(SAMPLERS)}")
+        bad = set(self.metrics) - set(METRICS)
+        if bad:
+            raise ConfigError(f"sweep.metrics: unknown metric {sorted(bad)[0]!r}; choose from {list(METRICS)}")
+        if not self.extractors and {"fd", "kid"} & set(self.metrics):
+            raise ConfigError("sweep.extractors: FD and KID need at least one feature extractor")
+        if self.n_images < 2 or min(self.steps) < 1:
+            raise ConfigError("sweep.n_images must be >= 2 and every step count >= 1")
+
+
+# ----------------------------------------------------------------------------- prompts and references
+
+
+def _dataset(cfg: SweepStage, resolution: int):
+    return data.make_dataset(cfg.dataset, split="heldout", resolution=resolution, seed=cfg.seed)
+
+
+def sweep_prompts(cfg: SweepStage, resolution: int) -> tuple[list[str], list[dict] | None]:
+    """The cell prompts (same for every cell) and, for datasets with known attributes, their attributes."""
+    if cfg.prompts:
+        path = Path(cfg.prompts)
+        if not path.is_file():
+            raise FewstepError(f"prompts file not found: {path}")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if len(lines) < cfg.n_images:
+            raise FewstepError(f"{path} has {len(lines)} prompts; the sweep needs n_images={cfg.n_images}")
+        return lines[: cfg.n_images], None
+    ds = _dataset(cfg, resolution)
+    if cfg.dataset == "shapes" and cfg.n_images > _SHAPES_REF_START:
+        raise FewstepError(f"n_images must be <= {_SHAPES_REF_START} for the shapes held-out split")
+    items = [ds[i] for i in range(cfg.n_images)]
+    attrs = [it["attributes"] for it in items]
+    known = all(set(data.ATTRIBUTES) <= set(a) for a in attrs)
+    return [it["caption"] for it in items], attrs if known else None
+
+
+def _reference_images(cfg: SweepStage, resolution: int) -> torch.Tensor:
+    ds = _dataset(cfg, resolution)
+    if cfg.dataset == "shapes":
+        stop = min(_SHAPES_REF_START + cfg.reference_images, _SHAPES_REF_STOP)
+        return ds.batch(range(_SHAPES_REF_START, stop))["pixel_values"]
+    return ds.batch(range(min(cfg.reference_images, len(ds))))["pixel_values"]
+
+
+def reference_features(cfg: SweepStage, features_name: str, extract, resolution: int) -> np.ndarray:
+    """Features of the real reference images, computed once per (dataset, features, resolution, count)
+    and cached as ``<cache_dir>/ref-<hash>.npy``."""
+    dataset = cfg.dataset if cfg.dataset == "shapes" else str(Path(cfg.dataset).resolve())
+    key = json.dumps([dataset, features_name, resolution, cfg.reference_images, cfg.seed])
+    path = Path(cfg.cache_dir) / f"ref-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    feats = np.asarray(extract(_reference_images(cfg, resolution)), dtype=np.float64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(feats)}.npy")
+    np.save(tmp, feats)
+    tmp.replace(path)
+    (path.with_suffix(".json")).write_text(key)
+    return feats
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: bool) -> list[tuple]:
+    """(sampler, steps, guidance_scale) of one model's cells; students default to their own schedule."""
+    method = info.get("method", "pretrained")
+    rec = info.get("recommended", {})
+    student = method in STUDENT_METHODS
+    samplers = entry["samplers"] or (["ddim"] if student else cfg.samplers)
+    steps = entry["steps"] or ([rec.get("num_inference_steps", info.get("steps"))] if student else cfg.steps)
+    if entry["guidance_scales"]:
+        scales = entry["guidance_scales"]
+    elif student and not guidance_conditioned:
+        scales = [rec.get("guidance_scale", 1.0)]
+    else:
+        scales = cfg.guidance_scales
+    if None in steps:
+        raise FewstepError(f"model {entry['name']!r}: fewstep.json has no recommended steps; give 'steps'")
+    return [(s, int(n), float(w)) for s in samplers for n in steps for w in scales]
+
+
+def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: float) -> str:
+    """Identity of a cell: everything that changes its row (not batch size or grid size)."""
+    key = {
+        "model": entry["name"],
+        "path": str(entry["path"]),
+        "sampler": sampler,
+        "steps": steps,
+        "guidance_scale": scale,
+        **{k: getattr(cfg, k) for k in ("dataset", "prompts", "n_images", "reference_images", "extractors", "clip")},
+        **{k: getattr(cfg, k) for k in ("metrics", "bootstrap", "seed")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file ([] if absent); a torn last line (killed writer) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one JSON line, first ending a torn last line (a writer killed mid-line) so it stays alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+
+
+def line_label(model: str, method: str, sampler: str) -> str:
+    """The plot-legend name of a (model, sampler): 'teacher + DDIM', 'student (progressive)'."""
+    if method in STUDENT_METHODS:
+        return f"{model} ({method} student)"
+    return f"{model} + {SAMPLER_NAMES.get(sampler, sampler)}"
+
+
+def _generate_split(pipe, prompts: list[str], seeds: list[int], **kwargs) -> torch.Tensor:
+    """Generate on every process (image i on rank i % world) and gather to all ranks, in order."""
+    rank, world = process_group()
+    mine = list(range(rank, len(prompts), world))
+    images = generate(pipe, [prompts[i] for i in mine], seeds=[seeds[i] for i in mine], **kwargs)
+    if world == 1:
+        return images
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, (mine, images))
+    out = torch.empty((len(prompts), *images.shape[1:]))
+    for idx, imgs in gathered:
+        out[idx] = imgs
+    return out
+
+
+def cell_metrics(cfg: SweepStage, images: torch.Tensor, prompts: list[str], attrs, refs: dict, tools: dict) -> dict:
+    """Every configured metric of one cell's images (in [0, 1]) against the reference features."""
+    x = images * 2 - 1
+    out: dict = {}
+    if {"fd", "kid"} & set(cfg.metrics):
+        for extractor, extract in tools["extract"].items():
+            feats = np.asarray(extract(x), dtype=np.float64)
+            name, ref = M.metric_name(extractor), refs[extractor]
+            if "fd" in cfg.metrics:
+                out[name] = M.frechet_distance(ref["stats"], M.FeatureStats.of(feats))
+                if cfg.bootstrap:
+                    out[f"{name}_ci95"] = list(M.frechet_bootstrap(ref["stats"], feats, rounds=cfg.bootstrap))
+            if "kid" in cfg.metrics:
+                kid_name = "KID" if name == "FID" else f"KID-{name.removeprefix('FD-')}"
+                out[kid_name], out[f"{kid_name}_std"] = M.kid(
+                    ref["features"], feats, subset_size=min(1000, len(feats)), seed=cfg.seed
+                )
+    clip = tools.get("clip")
+    if "cmmd" in cfg.metrics:
+        out["CMMD"] = M.cmmd(refs["clip"], clip.image_embeds(x).double().numpy())
+    if "clip_score" in cfg.metrics:
+        out["CLIP score"] = float(M.clip_score(clip, x, prompts).mean())
+    if "attributes" in cfg.metrics and attrs is not None:
+        acc = M.zero_shot_attributes(clip.model, clip.tokenizer, clip.pixels(x), attrs)
+        out["attribute accuracy"] = float(np.mean(list(acc.values())))
+        out["attributes"] = acc
+    return out
+
+
+def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
+    """Run every unfinished cell; returns all rows of ``results.jsonl``."""
+    rank, world = process_group()
+    results = Path(out) / "results.jsonl"
+    done = {r.get("config_hash") for r in read_rows(results)}
+    tools: dict = {}
+    refs_by_res: dict = {}
+    for entry in cfg.models:
+        info = models.read_info(entry["path"])
+        pipe = models.load_pipeline(entry["path"])
+        conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+        cells = [c for c in model_cells(cfg, entry, info, conditioned) if cell_hash(cfg, entry, *c) not in done]
+        if not cells:
+            continue
+        res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        prompts, attrs = sweep_prompts(cfg, res)
+        seeds = [cfg.seed + i for i in range(cfg.n_images)]
+        if rank == 0 and res not in refs_by_res:
+            if "extract" not in tools and {"fd", "kid"} & set(cfg.metrics):
+                tools["extract"] = {e: M.get_extractor(e) for e in cfg.extractors}
+            if "clip" not in tools and {"cmmd", "clip_score", "attributes"} & set(cfg.metrics):
+                tools["clip"] = M.load_clip_model(cfg.clip)
+            refs = {}
+            for extractor, extract in tools.get("extract", {}).items():
+                feats = reference_features(cfg, extractor, extract, res)
+                refs[extractor] = {"features": feats, "stats": M.FeatureStats.of(feats)}
+            if "cmmd" in cfg.metrics:
+                refs["clip"] = reference_features(cfg, f"clip-embeds:{cfg.clip}", tools["clip"].image_embeds, res)
+            refs_by_res[res] = refs
+        method = info.get("method", "pretrained")
+        for sampler, steps, scale in cells:
+            start = time.perf_counter()
+            images = _generate_split(
+                pipe,
+                prompts,
+                seeds,
+                sampler=sampler,
+                num_inference_steps=steps,
+                guidance_scale=scale,
+                batch_size=cfg.batch_size,
+                progress=True,
+            )
+            seconds = time.perf_counter() - start
+            if rank != 0:
+                continue
+            row = {
+                "model": entry["name"],
+                "path": str(entry["path"]),
+                "method": method,
+                "label": line_label(entry["name"], method, sampler),
+                "sampler": sampler,
+                "steps": steps,
+                "guidance_scale": scale,
+                "nfe": unet_evaluations(
+                    sampler=sampler, steps=steps, guidance_scale=scale, guidance_conditioned=conditioned
+                ),
+                "n_images": cfg.n_images,
+                "extractors": cfg.extractors,
+                **cell_metrics(cfg, images, prompts, attrs, refs_by_res[res], tools),
+                "seconds_per_image": seconds / cfg.n_images,
+                "images_per_second": cfg.n_images / seconds,
+                "processes": world,
+                "threads": torch.get_num_threads(),
+                "config_hash": cell_hash(cfg, entry, sampler, steps, scale),
+            }
+            if cfg.grid_images:
+                grid = Path(out) / "grids" / f"{row['config_hash']}.png"
+                save_grid(images[: cfg.grid_images], grid, rows=1)
+                row["grid"] = str(grid.relative_to(out))
+            append_row(results, row)
+            print(json.dumps({k: row[k] for k in ("label", "steps", "guidance_scale", "nfe")}), flush=True)
+    return read_rows(results)

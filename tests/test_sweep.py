@@ -1,0 +1,132 @@
+"""The sweep stage over two tiny models x two step counts: rows, per-image seeds, resume, NFE accounting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from baselines import models
+from baselines.errors import ConfigError
+from eval import sweep as S
+from tests.conftest import ROOT, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny CFG teacher, a tiny guidance-conditioned student (time_cond_proj_dim) and a tiny CLIP."""
+    root = tmp_path_factory.mktemp("models")
+    teacher = models.build_pipeline("tiny", seed=0)
+    models.save_pipeline(teacher, root / "teacher", {"method": "teacher", "recommended": {"guidance_scale": 2.0}})
+    student = models.build_pipeline("tiny", seed=1)
+    preset = models.get_preset("tiny")
+    torch.manual_seed(1)
+    student.unet = models.build_unet(preset, latent_channels=4, cross_attention_dim=16, time_cond_proj_dim=8)
+    info = {"method": "guidance", "steps": 2, "recommended": {"num_inference_steps": 2, "guidance_scale": 2.0}}
+    models.save_pipeline(student, root / "student", info)
+    torch.manual_seed(2)
+    tok = models.build_tokenizer()
+    models.save_clip(models.build_clip(preset, tok), tok, root / "clip")
+    return root
+
+
+def sweep_config(root, run, **kw) -> S.SweepStage:
+    return S.SweepStage(
+        models=[
+            {"name": "teacher", "path": str(root / "teacher"), "guidance_scales": [1.5, 3.0]},
+            {"name": "student", "path": str(root / "student"), "steps": [1, 2]},
+        ],
+        steps=[1, 2],
+        guidance_scales=[2.0],
+        n_images=6,
+        reference_images=24,
+        extractors=[f"clip:{root / 'clip'}"],
+        clip=str(root / "clip"),
+        bootstrap=5,
+        batch_size=6,
+        grid_images=4,
+        cache_dir=str(run / "cache"),
+        **kw,
+    )
+
+
+def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
+    calls = []
+    real_generate = S.generate
+
+    def spy(pipe, prompts, *, seeds, **kw):
+        calls.append((list(prompts), list(seeds), kw["num_inference_steps"], kw["guidance_scale"]))
+        return real_generate(pipe, prompts, seeds=seeds, **kw)
+
+    monkeypatch.setattr(S, "generate", spy)
+    cfg, out = sweep_config(tiny_models, tmp_path), tmp_path / "sweep"
+    rows = S.run_sweep(cfg, out)
+
+    cells = {(r["model"], r["steps"], r["guidance_scale"]): r for r in rows}
+    assert sorted(cells) == [
+        ("student", 1, 2.0), ("student", 2, 2.0),
+        ("teacher", 1, 1.5), ("teacher", 1, 3.0), ("teacher", 2, 1.5), ("teacher", 2, 3.0),
+    ]  # fmt: skip
+    # CFG doubles the teacher's U-Net evaluations; the w-conditioned student takes one pass per step
+    assert [cells[("teacher", s, 3.0)]["nfe"] for s in (1, 2)] == [2, 4]
+    assert [cells[("student", s, 2.0)]["nfe"] for s in (1, 2)] == [1, 2]
+    assert cells[("student", 1, 2.0)]["method"] == "guidance" and "student" in cells[("student", 1, 2.0)]["label"]
+    for r in rows:
+        assert r["n_images"] == 6 and r["seconds_per_image"] > 0
+        assert r["images_per_second"] == pytest.approx(1 / r["seconds_per_image"])
+        lo, hi = r["FD-clip_ci95"]
+        assert np.isfinite(r["FD-clip"]) and r["FD-clip"] > 0 and lo <= hi
+        assert {"KID-clip", "CMMD", "CLIP score", "attribute accuracy"} <= set(r)
+        assert 0 <= r["CLIP score"] <= 100 and 0 <= r["attribute accuracy"] <= 1
+        assert (out / r["grid"]).is_file()
+    assert len({r["config_hash"] for r in rows}) == 6
+    # every cell: the same prompts with the same per-image seeds
+    assert len(calls) == 6 and all(c[:2] == calls[0][:2] for c in calls)
+    assert calls[0][1] == list(range(6))
+    # different cells really produced different metrics (not one value copied)
+    assert len({round(r["FD-clip"], 9) for r in rows}) > 1
+
+    # rerun: every cell is done, nothing is generated
+    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("a finished cell was regenerated"))
+    assert len(S.run_sweep(cfg, out)) == 6
+
+    # a killed sweep (last row lost, a torn half-line written) resumes with exactly the missing cell
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    monkeypatch.setattr(S, "generate", spy)
+    calls.clear()
+    rows2 = S.run_sweep(cfg, out)
+    assert len(calls) == 1 and len(rows2) == 6
+    lost = json.loads(lines[-1])
+    again = [r for r in rows2 if r["config_hash"] == lost["config_hash"]]
+    assert len(again) == 1 and again[0]["FD-clip"] == pytest.approx(lost["FD-clip"], rel=1e-6)  # same seeds
+    # reference features are cached once per (dataset, features, resolution)
+    assert len(list((tmp_path / "cache").glob("ref-*.npy"))) == 2
+
+
+def test_student_defaults_to_its_distilled_steps(tiny_models):
+    cfg = S.SweepStage(models={"s": str(tiny_models / "student")}, samplers=["unipc"], steps=[8, 16])
+    info = {"method": "progressive", "recommended": {"num_inference_steps": 4, "guidance_scale": 1.0}}
+    assert S.model_cells(cfg, cfg.models[0], info, guidance_conditioned=False) == [("ddim", 4, 1.0)]
+    teacher = {"method": "teacher", "recommended": {"num_inference_steps": 50}}
+    assert S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False) == [
+        ("unipc", 8, 4.0), ("unipc", 16, 4.0)
+    ]  # fmt: skip
+
+
+def test_sweep_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown sampler 'nope'"):
+        S.SweepStage(models={"a": "x"}, samplers=["nope"])
+    with pytest.raises(ConfigError, match=r"models\[0\].stepz"):
+        S.SweepStage(models=[{"name": "a", "path": "x", "stepz": [1]}])
+    with pytest.raises(ConfigError, match="unknown metric"):
+        S.SweepStage(models={"a": "x"}, metrics=["fid"])
+
+
+@pytest.mark.parametrize("config", ["configs/sd15-distill.yaml", "configs/eval-demo.yaml"])
+def test_eval_configs_validate(config):
+    result = run_cli("run", config, "--dry-run", cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(sweep)" in result.stdout and "(report)" in result.stdout
