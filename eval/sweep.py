@@ -37,7 +37,8 @@ _SHAPES_REF_STOP = data.HELDOUT_SIZE - 2000  # the embedded evaluator standardis
 
 
 def normalise_models(models_cfg: Any) -> list[dict]:
-    """``{name: path}`` or ``[{name, path, samplers?, steps?, guidance_scales?}]`` -> a list of entries."""
+    """``{name: path}`` or ``[{name, path, samplers?, steps?, guidance_scales?}]`` -> a list of entries; an
+    entry's own samplers / steps / guidance scales replace the sweep's (a model may appear in several entries)."""
     if isinstance(models_cfg, dict):
         models_cfg = [{"name": k, "path": v} for k, v in models_cfg.items()]
     if not isinstance(models_cfg, list) or not models_cfg:
@@ -50,9 +51,10 @@ def normalise_models(models_cfg: Any) -> list[dict]:
         if unknown:
             raise ConfigError(f"sweep.models[{i}].{sorted(unknown)[0]}: unknown key (allowed: {sorted(_MODEL_KEYS)})")
         out.append({k: entry.get(k) for k in sorted(_MODEL_KEYS)})
-    names = [e["name"] for e in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep.models: model names must be unique, got {names}")
+    paths: dict = {}
+    for e in out:  # a name may repeat (other samplers / steps for the same model) but means one folder
+        if paths.setdefault(e["name"], e["path"]) != e["path"]:
+            raise ConfigError(f"sweep.models: name {e['name']!r} is given two different paths")
     return out
 
 
@@ -320,5 +322,6 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 save_grid(images[: cfg.grid_images], grid, rows=1)
                 row["grid"] = str(grid.relative_to(out))
             append_row(results, row)
+            done.add(row["config_hash"])
             print(json.dumps({k: row[k] for k in ("label", "steps", "guidance_scale", "nfe")}), flush=True)
     return read_rows(results)
