@@ -35,7 +35,7 @@ def _registry() -> dict[str, StageKind]:
     from baselines import teacher
     from distill import guidance, progressive
     from editing import dreambooth, imagic, inpaint, sdedit, textual_inversion
-    from eval import checks
+    from eval import checks, edits, report, sweep
 
     return {
         "train_vae": StageKind(teacher.TrainVAEStage, teacher.run_train_vae, distributed=True),
@@ -58,6 +58,9 @@ def _registry() -> dict[str, StageKind]:
         ),
         "dreambooth": StageKind(dreambooth.DreamBoothStage, dreambooth.run_dreambooth, distributed=True),
         # eval/ (sweep, edit_eval, report)
+        "sweep": StageKind(sweep.SweepStage, sweep.run_sweep, distributed=True),
+        "edit_eval": StageKind(edits.EditEvalStage, edits.run_edit_eval),
+        "report": StageKind(report.ReportStage, report.run_report),
     }
 
 
