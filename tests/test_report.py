@@ -108,3 +108,22 @@ def test_report_of_an_empty_run_says_so(tmp_path):
 
     with pytest.raises(FewstepError, match="no stage folder"):
         R.report_run_dir(tmp_path)
+
+
+def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
+    from eval import bench
+
+    folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "t", {"method": "teacher"})
+    out = tmp_path / "BENCH.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    rows = bench.run_bench([f"tiny={folder}"], [1, 2], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
+    assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [("tiny", 1, 2), ("tiny", 2, 4)]
+    for r in rows:
+        assert r["raw_seconds_per_image"] > 0 and r["overhead"] == pytest.approx(
+            r["seconds_per_image"] / r["raw_seconds_per_image"]
+        )
+    assert rows[1]["raw_seconds_per_image"] > rows[0]["raw_seconds_per_image"]  # one more U-Net call
+    bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nkept text") and text.count(bench.START) == 1
+    assert "| tiny |" not in text and f"| {folder} |" in text  # the section was replaced, not appended
