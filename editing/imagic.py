@@ -37,6 +37,7 @@ from editing.common import (
     save_strip,
     write_rows,
 )
+from editing.lora import add_lora, merge_lora
 from editing.sdedit import edit_nfe, guidance_conditioned, img2img
 
 
@@ -88,23 +89,37 @@ def optimise_embedding(
 
 
 def finetune_unet(
-    pipe, latents: Tensor, e_opt: Tensor, config: TrainConfig, out_dir: Path, *, guidance_scale: float, accelerator=None
+    pipe,
+    latents: Tensor,
+    e_opt: Tensor,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    guidance_scale: float,
+    lora_rank: int = 0,
+    accelerator=None,
 ) -> None:
-    """Stage B: fine-tune the whole U-Net (in place) to reconstruct ``latents`` from fixed e_opt."""
+    """Stage B: fine-tune the U-Net (in place) to reconstruct ``latents`` from fixed e_opt: all of
+    it, or with ``lora_rank`` > 0 low-rank adapters on its attention projections, merged after."""
     freeze(pipe)
-    pipe.unet.requires_grad_(True)
+    if lora_rank > 0:
+        trained = add_lora(pipe.unet, lora_rank, seed=config.seed)
+    else:
+        trained = pipe.unet.requires_grad_(True)
     e = e_opt.detach()
     loss = _reconstruction_loss(pipe, latents, lambda n: e.expand(n, *e.shape[1:]), config.batch_size, guidance_scale)
     train(
         loss=loss,
-        modules={"unet": pipe.unet},
+        modules={"lora" if lora_rank > 0 else "unet": trained},
         batches=lambda i: {},
         config=config,
         out_dir=out_dir,
         accelerator=accelerator,
         desc="imagic B",
     )
-    pipe.unet.requires_grad_(False)
+    if lora_rank > 0:
+        merge_lora(pipe.unet)
+    pipe.unet.requires_grad_(False).eval()
 
 
 def interpolate(e_tgt: Tensor, e_opt: Tensor, eta: float) -> Tensor:
@@ -141,6 +156,7 @@ class ImagicStage:
     etas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     steps: int | None = None  # stage C; default: the model's recommended steps
     guidance_scale: float | None = None  # stage C (and A/B for a guidance-conditioned student)
+    lora_rank: int = 0  # stage B: 0 = fine-tune the whole U-Net; r > 0 = rank-r LoRA, merged after
     save_models: bool = True
     seed: int = 0
     embedding: TrainConfig = field(
@@ -178,7 +194,14 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
                 accelerator=accelerator,
             )
             finetune_unet(
-                pipe, latents, e_opt, cfg.finetune, folder / "train_unet", guidance_scale=scale, accelerator=accelerator
+                pipe,
+                latents,
+                e_opt,
+                cfg.finetune,
+                folder / "train_unet",
+                guidance_scale=scale,
+                lora_rank=cfg.lora_rank,
+                accelerator=accelerator,
             )
         if not is_main_process():
             continue

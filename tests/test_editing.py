@@ -14,7 +14,7 @@ from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import encode_text
 from baselines.samplers import make_scheduler
 from baselines.train import TrainConfig
-from editing import common, dreambooth, imagic, inpaint, sdedit, textual_inversion
+from editing import common, dreambooth, imagic, inpaint, lora, sdedit, textual_inversion
 from fewstep import cli
 
 PROMPT = "a small red circle on a blue background, top left"
@@ -184,6 +184,21 @@ def test_imagic_stage_a_trains_only_the_embedding_and_stage_b_only_the_unet(tiny
     assert _same(before["vae"], _state(pipe.vae)) and _same(before["text_encoder"], _state(pipe.text_encoder))
     assert torch.equal(e_opt, e_copy)
     torch.testing.assert_close(imagic.interpolate(e_tgt, e_opt, 1.0), e_tgt)
+
+
+def test_imagic_lora_stage_b_changes_only_attention_projections_and_merges(tiny_folder, tmp_path):
+    pipe = models.load_pipeline(tiny_folder)
+    before = _state(pipe.unet)
+    latents = common.encode_image(pipe.vae, _pixels(pipe, 1))
+    e = encode_text(pipe.tokenizer, pipe.text_encoder, [PROMPT])
+    imagic.finetune_unet(pipe, latents, e, _quick(), tmp_path / "b", guidance_scale=3.0, lora_rank=2)
+    after = _state(pipe.unet)
+    assert after.keys() == before.keys()  # merged back: a stock U-Net again
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(tuple(f"{t}.weight" for t in lora.TARGETS)) for k in changed)
+    models.save_pipeline(pipe, tmp_path / "model", {"method": "test"})
+    reloaded = models.load_pipeline(tmp_path / "model")
+    assert all(torch.equal(v, _state(reloaded.unet)[k]) for k, v in after.items())
 
 
 def test_imagic_stage_writes_the_output_contract_and_is_reproducible(tiny_folder, tmp_path):
