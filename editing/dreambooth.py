@@ -18,7 +18,8 @@ from baselines.guidance import UNetDenoiser, tokenize
 from baselines.losses import denoising_loss
 from baselines.samplers import generate, resolve_defaults
 from baselines.train import TrainConfig, is_main_process, train
-from editing.common import ConceptSource, concept_images, concept_prompts, encode_image, model_resolution
+from editing.common import encode_image, model_resolution
+from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
 from editing.sdedit import guidance_conditioned
 
@@ -55,6 +56,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         raise ConfigError(f"prior_weight must be >= 0, got {cfg.prior_weight}")
     if cfg.source.images is None and (not cfg.bind or not set(cfg.bind) <= set(cfg.source.concept)):
         raise ConfigError(f"bind {list(cfg.bind)} must name attributes of the concept {dict(cfg.source.concept)}")
+    concept_images(cfg.source, 8)  # bad images or concept fail before any model is loaded
     pipe = models.load_pipeline(cfg.model)
     info = models.read_info(cfg.model)
     images = concept_images(cfg.source, model_resolution(pipe))

@@ -74,9 +74,9 @@ def _train(args) -> None:
     from pathlib import Path
 
     from baselines.train import TrainConfig
-    from editing import common, dreambooth, textual_inversion
+    from editing import concepts, dreambooth, textual_inversion
 
-    source = common.ConceptSource(
+    source = concepts.ConceptSource(
         images=args.images, template=args.template, concept=_concept(args.concept), num_images=args.num_images
     )
     lr = args.lr or (5e-3 if args.method == "textual-inversion" else 5e-5)

@@ -14,7 +14,7 @@ from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import encode_text
 from baselines.samplers import make_scheduler
 from baselines.train import TrainConfig
-from editing import common, dreambooth, imagic, inpaint, lora, sdedit, textual_inversion
+from editing import common, concepts, dreambooth, imagic, inpaint, lora, sdedit, textual_inversion
 from fewstep import cli
 
 PROMPT = "a small red circle on a blue background, top left"
@@ -242,7 +242,7 @@ def test_textual_inversion_changes_only_new_rows_and_loads_in_stock_diffusers(ti
     unet_before = _state(pipe.unet)
     cfg = textual_inversion.TextualInversionStage(
         model=str(tiny_folder),
-        source=common.ConceptSource(num_images=2),
+        source=concepts.ConceptSource(num_images=2),
         placeholder="<tri>",
         num_vectors=2,
         train=_quick(3),
@@ -276,7 +276,7 @@ def test_textual_inversion_rejects_an_existing_token(tiny_folder, tmp_path):
 
 def test_dreambooth_trains_the_unet_only_and_saves_a_pipeline(tiny_folder, tmp_path):
     cfg = dreambooth.DreamBoothStage(
-        model=str(tiny_folder), source=common.ConceptSource(num_images=2), num_class_images=2, train=_quick()
+        model=str(tiny_folder), source=concepts.ConceptSource(num_images=2), num_class_images=2, train=_quick()
     )
     ref = models.load_pipeline(tiny_folder)
     folder = dreambooth.run_dreambooth(cfg, tmp_path / "db")
@@ -355,3 +355,20 @@ def test_cli_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip()
     assert code != 0 and message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_trains_textual_inversion_from_an_image_folder_and_rejects_a_missing_one(tiny_folder, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+            images / f"{i}.png"
+        )
+    out = tmp_path / "ti"
+    common_args = ["--num-images", "2", "--steps", "1", "--batch-size", "2", "--out", str(out)]
+    assert cli.main(["train", "textual-inversion", str(tiny_folder), "--images", str(images), *common_args]) == 0
+    assert (out / textual_inversion.EMBEDS_FILE).is_file()
+    capsys.readouterr()
+    code = cli.main(["train", "dreambooth", str(tiny_folder), "--images", str(tmp_path / "nope"), *common_args])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "is not a folder of images" in err and len(err.splitlines()) == 1
