@@ -372,3 +372,12 @@ def test_cli_trains_textual_inversion_from_an_image_folder_and_rejects_a_missing
     code = cli.main(["train", "dreambooth", str(tiny_folder), "--images", str(tmp_path / "nope"), *common_args])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "is not a folder of images" in err and len(err.splitlines()) == 1
+
+
+def test_smoke_experiment_runs_every_editing_kind(smoke_run):
+    for stage in ("sdedit", "inpaint", "imagic"):
+        rows = [json.loads(line) for line in (smoke_run / stage / "edits.jsonl").read_text().splitlines()]
+        assert rows and all(Image.open(r["output"]).size == Image.open(r["input"]).size for r in rows)
+        assert all(r["method"] == stage and r["target_attributes"] and r["input_attributes"] for r in rows)
+    assert (smoke_run / "textual_inversion" / textual_inversion.EMBEDS_FILE).is_file()
+    models.load_pipeline(smoke_run / "dreambooth" / "model")
