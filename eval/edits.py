@@ -4,8 +4,9 @@ Each editing stage folder holds ``edits.jsonl``, one row per output image: ``met
 ``input`` / ``output`` / ``mask`` PNG paths (mask may be null; white = the region the edit may change),
 ``prompt``, ``source_prompt``, ``param`` ({"strength": x} or {"eta": x}), ``steps``, ``nfe``,
 ``seconds``, ``target_attributes`` and ``input_attributes`` (dicts or null). Rows are grouped by
-(method, model, param name, param value); each group gets PSNR / SSIM of output vs input (whole image,
-and over the unmasked region where a mask is given), LPIPS where available, CLIP image similarity,
+(method, model, param name, param value); each group gets PSNR (capped at 100 dB = identical) and SSIM
+of output vs input (whole image, and over the unmasked region where a mask is given), LPIPS where
+available, CLIP image similarity,
 and zero-shot accuracy of the edited attributes (target values) and of the preserved ones.
 """
 
