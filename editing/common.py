@@ -38,7 +38,7 @@ class EditSource:
     image: str | None = None
     prompt: str | None = None
     source_prompt: str | None = None
-    change: dict[str, str] = field(default_factory=lambda: {"colour": "green"})
+    change: dict[str, str] = field(default_factory=dict)  # e.g. {colour: green}; required for shapes inputs
     num_inputs: int = 1
     first_index: int = 0
     seed: int = 0
@@ -88,7 +88,10 @@ def resolve_inputs(source: EditSource, resolution: int) -> list[EditInput]:
         return [EditInput(Path(source.image).stem, pixels, source.prompt, source.source_prompt)]
     bad = sorted(set(source.change) - set(data.ATTRIBUTES))
     if bad or not source.change:
-        raise ConfigError(f"change must name shapes attributes {list(data.ATTRIBUTES)}, got {dict(source.change)}")
+        raise ConfigError(
+            f"change must set one or more shapes attributes {list(data.ATTRIBUTES)} (e.g. colour: green), "
+            f"got {dict(source.change)}"
+        )
     for key, value in source.change.items():
         if value not in data.attribute_values(key):
             raise ConfigError(f"change.{key}: {value!r} is not one of {data.attribute_values(key)}")

@@ -22,7 +22,7 @@ class ConceptSource:
 
     images: str | None = None
     template: str = "a photo of {}"
-    concept: dict[str, str] = field(default_factory=lambda: {"colour": "purple", "shape": "triangle"})
+    concept: dict[str, str] = field(default_factory=dict)  # e.g. {colour: purple, shape: triangle}
     num_images: int = 4
     seed: int = 0
 

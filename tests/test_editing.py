@@ -18,6 +18,7 @@ from editing import common, concepts, dreambooth, imagic, inpaint, lora, sdedit,
 from fewstep import cli
 
 PROMPT = "a small red circle on a blue background, top left"
+CONCEPT = {"colour": "purple", "shape": "triangle"}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,12 @@ def tiny_folder(tiny_pipe, tmp_path_factory):
 
 
 def _pixels(pipe, n=2, seed=0):
-    return torch.stack([i.pixels for i in common.resolve_inputs(common.EditSource(num_inputs=n, seed=seed), 16)])
+    return torch.stack(
+        [
+            i.pixels
+            for i in common.resolve_inputs(common.EditSource(num_inputs=n, seed=seed, change={"colour": "green"}), 16)
+        ]
+    )
 
 
 def _state(module):
@@ -227,6 +233,29 @@ def test_imagic_stage_writes_the_output_contract_and_is_reproducible(tiny_folder
     assert np.array_equal(np.asarray(Image.open(again[1]["output"])), np.asarray(Image.open(rows[1]["output"])))
 
 
+def test_yaml_change_and_concept_replace_rather_than_merge_with_defaults():
+    from omegaconf import OmegaConf
+
+    from fewstep import experiment
+
+    cfg = OmegaConf.create(
+        {
+            "experiment": "x",
+            "run_dir": "unused",
+            "stages": {
+                "a": {"kind": "sdedit", "source": {"change": {"shape": "square"}}},
+                "b": {"kind": "textual_inversion", "source": {"concept": {"colour": "red"}}},
+            },
+        }
+    )
+    for name in cfg.stages:
+        cfg.stages[name].output = f"unused/{name}"
+    a, b = experiment.plan(cfg)
+    assert a.config.source.change == {"shape": "square"} and b.config.source.concept == {"colour": "red"}
+    with pytest.raises(ConfigError, match="change must set"):
+        common.resolve_inputs(common.EditSource(), 16)
+
+
 def test_empty_eta_sweep_fails_before_writing(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="etas"):
         imagic.run_imagic(imagic.ImagicStage(model=str(tiny_folder), etas=[]), tmp_path / "out")
@@ -242,7 +271,7 @@ def test_textual_inversion_changes_only_new_rows_and_loads_in_stock_diffusers(ti
     unet_before = _state(pipe.unet)
     cfg = textual_inversion.TextualInversionStage(
         model=str(tiny_folder),
-        source=concepts.ConceptSource(num_images=2),
+        source=concepts.ConceptSource(num_images=2, concept=CONCEPT),
         placeholder="<tri>",
         num_vectors=2,
         train=_quick(3),
@@ -266,7 +295,9 @@ def test_textual_inversion_changes_only_new_rows_and_loads_in_stock_diffusers(ti
 
 
 def test_textual_inversion_rejects_an_existing_token(tiny_folder, tmp_path):
-    cfg = textual_inversion.TextualInversionStage(model=str(tiny_folder), placeholder="circle</w>", train=_quick())
+    cfg = textual_inversion.TextualInversionStage(
+        model=str(tiny_folder), source=concepts.ConceptSource(concept=CONCEPT), placeholder="circle</w>", train=_quick()
+    )
     with pytest.raises(ConfigError, match="already a token"):
         textual_inversion.run_textual_inversion(cfg, tmp_path)
 
@@ -276,7 +307,10 @@ def test_textual_inversion_rejects_an_existing_token(tiny_folder, tmp_path):
 
 def test_dreambooth_trains_the_unet_only_and_saves_a_pipeline(tiny_folder, tmp_path):
     cfg = dreambooth.DreamBoothStage(
-        model=str(tiny_folder), source=concepts.ConceptSource(num_images=2), num_class_images=2, train=_quick()
+        model=str(tiny_folder),
+        source=concepts.ConceptSource(num_images=2, concept=CONCEPT),
+        num_class_images=2,
+        train=_quick(),
     )
     ref = models.load_pipeline(tiny_folder)
     folder = dreambooth.run_dreambooth(cfg, tmp_path / "db")
