@@ -95,7 +95,7 @@ def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
         x, y = [r["nfe"] for r in rs], [r[metric] for r in rs]
         ci = [r.get(f"{metric}_ci95") for r in rs]
         (line,) = ax.plot(x, y, marker="o", label=f"{label}, w={scale:g}")
-        if all(ci):  # the bootstrap band (it need not contain the estimate: resampling biases FD upward)
+        if all(ci):  # the bootstrap band
             ax.fill_between(x, [c[0] for c in ci], [c[1] for c in ci], color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -215,8 +215,7 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
         lines += [
             "Same prompts and per-image seeds in every cell. nfe = U-Net evaluations per image (CFG counts double; "
             "a guidance-conditioned student one per step). FD cells show in brackets (and plots as a band) the "
-            "95% percentile bootstrap interval with the generated set resampled; resampling with replacement "
-            "biases FD upward, so the band can sit slightly above the estimate: read its width as the noise.",
+            "95% bootstrap interval (generated set resampled, bias-corrected): gaps smaller than it are noise.",
             "",
         ]
         for metric in fds + ["CLIP score", "CMMD", "attribute accuracy"]:

@@ -177,6 +177,7 @@ def test_fd_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
     lo_s, hi_s = frechet_bootstrap(ref, small, rounds=100)
     lo_l, hi_l = frechet_bootstrap(ref, large, rounds=100)
     assert lo_l <= frechet_distance(ref, FeatureStats.of(large)) <= hi_l
+    assert lo_s <= frechet_distance(ref, FeatureStats.of(small)) <= hi_s  # bias-corrected: holds at small n too
     assert hi_l - lo_l < (hi_s - lo_s) / 2
 
 
