@@ -139,7 +139,6 @@ def plot_tradeoff(rows: list[dict], fd: str, path: Path) -> Path | None:
             )
     ax.set_xlabel("CLIP score")
     ax.set_ylabel(fd)
-    ax.set_yscale("log")
     ax.set_title(f"{fd} vs CLIP score over guidance scale")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
