@@ -63,7 +63,7 @@ def metric_tables(rows: list[dict]) -> str:
                     cells.append("")
                     continue
                 ci = r.get(f"{name}_ci95")
-                extra = f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+                extra = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
                 cells.append(f"{_fmt(r[name])}{extra} (nfe {r['nfe']})")
             text.append(f"| {label} | {scale:g} | " + " | ".join(cells) + " |")
         text.append("")
@@ -209,7 +209,7 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
         tag = sweep.name
         fds = fd_keys(rows)
         fd = fds[0] if fds else None
-        n = sorted({r["n_images"] for r in rows})
+        n = ", ".join(str(k) for k in sorted({r["n_images"] for r in rows}))
         lines += [f"## Sweep `{tag}` ({len(rows)} cells, {n} images per cell)", ""]
         lines += [
             "Same prompts and per-image seeds in every cell. nfe = U-Net evaluations per image (CFG counts double; "
