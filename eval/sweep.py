@@ -166,9 +166,11 @@ def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: 
     return [(s, int(n), float(w)) for s in samplers for n in steps for w in scales]
 
 
-def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: float) -> str:
-    """Identity of a cell: everything that changes its row (not batch size or grid size)."""
+def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: float, model_id: str = "") -> str:
+    """Identity of a cell: everything that changes its row (not batch size or grid size); ``model_id``
+    identifies the weights (a hash of the folder's fewstep.json), so a retrained folder is re-evaluated."""
     key = {
+        "model_id": model_id,
         "model": entry["name"],
         "path": str(entry["path"]),
         "sampler": sampler,
@@ -202,7 +204,7 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def line_label(model: str, method: str, sampler: str) -> str:
-    """The plot-legend name of a (model, sampler): 'teacher + DDIM', 'student (progressive)'."""
+    """The plot-legend name of a (model, sampler): 'teacher + DDIM', 's4 (progressive student)'."""
     if method in STUDENT_METHODS:
         return f"{model} ({method} student)"
     return f"{model} + {SAMPLER_NAMES.get(sampler, sampler)}"
@@ -261,9 +263,12 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
     refs_by_res: dict = {}
     for entry in cfg.models:
         info = models.read_info(entry["path"])
+        model_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16] if info else ""
         pipe = models.load_pipeline(entry["path"])
         conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
-        cells = [c for c in model_cells(cfg, entry, info, conditioned) if cell_hash(cfg, entry, *c) not in done]
+        cells = [
+            c for c in model_cells(cfg, entry, info, conditioned) if cell_hash(cfg, entry, *c, model_id) not in done
+        ]
         if not cells:
             continue
         res = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -315,7 +320,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "images_per_second": cfg.n_images / seconds,
                 "processes": world,
                 "threads": torch.get_num_threads(),
-                "config_hash": cell_hash(cfg, entry, sampler, steps, scale),
+                "config_hash": cell_hash(cfg, entry, sampler, steps, scale, model_id),
             }
             if cfg.grid_images:
                 grid = Path(out) / "grids" / f"{row['config_hash']}.png"
