@@ -390,7 +390,7 @@ def frechet_bootstrap(
 ) -> tuple[float, float]:
     """Bias-corrected percentile bootstrap interval of the Fréchet distance: the generated features are
     resampled with replacement (the reference statistics, from a larger fixed set, are held fixed) and the
-    interval is shifted by the bootstrap bias estimate mean(FD*) - FD (Efron & Tibshirani 1993, sec. 10.6):
+    interval is shifted by the bootstrap bias estimate mean(FD*) - FD (Efron & Tibshirani 1993, ch. 10):
     resampling duplicates points, which inflates FD by about as much as the interval is wide at small FD."""
     f = np.asarray(features, dtype=np.float64)
     rng = np.random.default_rng(seed)
