@@ -53,7 +53,7 @@ def metric_tables(rows: list[dict]) -> str:
         groups[(r["label"], r["guidance_scale"])][r["steps"]] = r
     text = []
     for name in names:
-        text += [f"### {name}", "", "| line | guidance | " + " | ".join(f"{s} steps" for s in steps) + " |"]
+        text += [f"### {name}", "", "| line | guidance scale s | " + " | ".join(f"{s} steps" for s in steps) + " |"]
         text.append("|---|---|" + "---|" * len(steps))
         for (label, scale), by_steps in sorted(groups.items()):
             cells = []
@@ -94,7 +94,7 @@ def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
         rs.sort(key=lambda r: r["nfe"])
         x, y = [r["nfe"] for r in rs], [r[metric] for r in rs]
         ci = [r.get(f"{metric}_ci95") for r in rs]
-        (line,) = ax.plot(x, y, marker="o", label=f"{label}, w={scale:g}")
+        (line,) = ax.plot(x, y, marker="o", label=f"{label}, s={scale:g}")
         if all(ci):  # the bootstrap band
             ax.fill_between(x, [c[0] for c in ci], [c[1] for c in ci], color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
@@ -131,7 +131,7 @@ def plot_tradeoff(rows: list[dict], fd: str, path: Path) -> Path | None:
         ax.plot([r["CLIP score"] for r in rs], [r[fd] for r in rs], marker="o", label=f"{label}, {steps} steps")
         for r in rs:
             ax.annotate(
-                f"w={r['guidance_scale']:g}",
+                f"s={r['guidance_scale']:g}",
                 (r["CLIP score"], r[fd]),
                 fontsize=7,
                 xytext=(3, 3),
@@ -148,6 +148,12 @@ def plot_tradeoff(rows: list[dict], fd: str, path: Path) -> Path | None:
     return path
 
 
+def model_name(path) -> str:
+    """A short model name: a pipeline folder's own name, or its stage's for ``<stage>/model``."""
+    p = Path(str(path))
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
 def plot_edits(rows: list[dict], path: Path) -> Path:
     """Edit fidelity vs edit parameter (strength / eta): one panel per metric, one line per method."""
     metrics = [m for m in EDIT_METRICS + EDIT_ACCURACY if any(m in r for r in rows)]
@@ -158,22 +164,21 @@ def plot_edits(rows: list[dict], path: Path) -> Path:
     groups = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["model"], r["param"])].append(r)
+    colours = {key: f"C{i}" for i, key in enumerate(sorted(groups))}  # one colour per method in every panel
     for ax, m in zip(axes.flat, metrics):
         for (method, model, param), rs in sorted(groups.items()):
             rs = sorted((r for r in rs if m in r), key=lambda r: r["value"])
             if rs:
-                ax.plot(
-                    [r["value"] for r in rs],
-                    [r[m] for r in rs],
-                    marker="o",
-                    label=f"{method} ({param}), {Path(str(model)).name}",
-                )
+                label = f"{method} ({param}), {model_name(model)}"
+                x, y = [r["value"] for r in rs], [r[m] for r in rs]
+                ax.plot(x, y, marker="o", color=colours[(method, model, param)], label=label)
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("strength / eta")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -185,7 +190,7 @@ def combined_grid(rows: list[dict], sweep_dir: Path, path: Path) -> Path | None:
     strips = [(r, sweep_dir / r["grid"]) for r in rows if r.get("grid") and (sweep_dir / r["grid"]).is_file()]
     if not strips:
         return None
-    images = [(f"{r['label']}, {r['steps']} steps, w={r['guidance_scale']:g}", Image.open(p)) for r, p in strips]
+    images = [(f"{r['label']}, {r['steps']} steps, s={r['guidance_scale']:g}", Image.open(p)) for r, p in strips]
     left = 8 + 6 * max(len(t) for t, _ in images)
     width = left + max(im.width for _, im in images)
     canvas = Image.new("RGB", (width, sum(im.height for _, im in images)), "white")
@@ -212,7 +217,8 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
         n = ", ".join(str(k) for k in sorted({r["n_images"] for r in rows}))
         lines += [f"## Sweep `{tag}` ({len(rows)} cells, {n} images per cell)", ""]
         lines += [
-            "Same prompts and per-image seeds in every cell. nfe = U-Net evaluations per image (CFG counts double; "
+            "Same prompts and per-image seeds in every cell; s = guidance scale (diffusers; Meng et al. w = s - 1). "
+            "nfe = U-Net evaluations per image (CFG counts double; "
             "a guidance-conditioned student one per step). FD cells show in brackets (and plots as a band) the "
             "95% bootstrap interval (generated set resampled, bias-corrected): gaps smaller than it are noise.",
             "",
@@ -250,7 +256,7 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
         for r in rows:
             vals = " | ".join(_fmt(r.get(c)) for c in cols)
             lines.append(
-                f"| {r['method']} | {Path(str(r['model'])).name} | {r['param']}={r['value']:g} | {r['n']} | {vals} |"
+                f"| {r['method']} | {model_name(r['model'])} | {r['param']}={r['value']:g} | {r['n']} | {vals} |"
             )
         lines.append("")
     report = out / "report.md"
