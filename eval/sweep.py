@@ -128,15 +128,25 @@ def _reference_images(cfg: SweepStage, resolution: int) -> torch.Tensor:
     return ds.batch(range(min(cfg.reference_images, len(ds))))["pixel_values"]
 
 
+def _fingerprint(extract, images: torch.Tensor) -> str:
+    """A hash of the features of four reference images, so a changed extractor (new weights or code) never
+    reuses a stale cache entry."""
+    probe = np.asarray(extract(images[:4]), dtype=np.float64)
+    return hashlib.sha256(np.round(probe, 4).tobytes()).hexdigest()[:16]
+
+
 def reference_features(cfg: SweepStage, features_name: str, extract, resolution: int) -> np.ndarray:
-    """Features of the real reference images, computed once per (dataset, features, resolution, count)
-    and cached as ``<cache_dir>/ref-<hash>.npy``."""
+    """Features of the real reference images, computed once per (dataset, features, resolution, count,
+    extractor fingerprint) and cached as ``<cache_dir>/ref-<hash>.npy``."""
     dataset = cfg.dataset if cfg.dataset == "shapes" else str(Path(cfg.dataset).resolve())
-    key = json.dumps([dataset, features_name, resolution, cfg.reference_images, cfg.seed])
+    images = _reference_images(cfg, resolution)
+    key = json.dumps(
+        [dataset, features_name, resolution, cfg.reference_images, cfg.seed, _fingerprint(extract, images)]
+    )
     path = Path(cfg.cache_dir) / f"ref-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
         return np.load(path)
-    feats = np.asarray(extract(_reference_images(cfg, resolution)), dtype=np.float64)
+    feats = np.asarray(extract(images), dtype=np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{id(feats)}.npy")
     np.save(tmp, feats)

@@ -130,3 +130,22 @@ def test_eval_configs_validate(config):
     result = run_cli("run", config, "--dry-run", cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(sweep)" in result.stdout and "(report)" in result.stdout
+
+
+def test_reference_cache_is_keyed_by_the_extractor_itself(tmp_path):
+    """A changed extractor (same name, new code or weights) must not reuse stale cached reference features."""
+    cfg = S.SweepStage(models={"a": "x"}, reference_images=6, cache_dir=str(tmp_path))
+    calls = []
+
+    def make(shift):
+        def extract(x):
+            calls.append(len(x))
+            return x.flatten(1)[:, :3] + shift
+
+        return extract
+
+    a = S.reference_features(cfg, "feat", make(0.0), 16)
+    assert np.array_equal(S.reference_features(cfg, "feat", make(0.0), 16), a)  # cached
+    assert calls.count(6) == 1
+    b = S.reference_features(cfg, "feat", make(1.0), 16)  # same name, different features
+    assert np.allclose(b, a + 1) and calls.count(6) == 2
