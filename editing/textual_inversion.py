@@ -75,11 +75,11 @@ class TextualInversionStage:
     model: str = "shapes"
     source: ConceptSource = field(default_factory=ConceptSource)
     placeholder: str = "<concept>"
-    num_vectors: int = 1
+    num_vectors: int = 2  # measured on shapes: 1 vector did not capture colour + shape, 2 did
     initializer: str = "shape"
     guidance_scale: float | None = None  # only for a guidance-conditioned student
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=200, batch_size=4, lr=5e-3, checkpoint_every=10_000, log_every=10)
+        default_factory=lambda: TrainConfig(steps=600, batch_size=8, lr=2e-2, checkpoint_every=10_000, log_every=50)
     )
 
 
