@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
-from baselines import models
+from baselines import diffusion, models
 from baselines.data import to_uint8
 from baselines.errors import FewstepError
 
@@ -38,6 +38,18 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
+
+
+@torch.no_grad()
+def ddim_step_with(predict_x0, z: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, alpha_sigma) -> torch.Tensor:
+    """One deterministic DDIM step z_t -> z_{t_prev} (Song et al. 2021, eq. 12) with a model's x0
+    prediction ``predict_x0(z, t)``; ``alpha_sigma(t)`` gives (alpha_t, sigma_t), t_prev = -1 being
+    "after the last step". Progressive distillation's teacher steps and the editing sampler both use it."""
+    alpha, sigma = alpha_sigma(t)
+    alpha_prev, sigma_prev = alpha_sigma(t_prev)
+    x0 = predict_x0(z, t)
+    eps = diffusion.eps_from_x0(z=z, x0=x0, alpha=alpha, sigma=sigma)
+    return diffusion.ddim_step(x0=x0, eps=eps, alpha_prev=alpha_prev, sigma_prev=sigma_prev)
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -22,6 +22,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text
 from baselines.losses import distillation_loss
+from baselines.samplers import ddim_step_with
 from baselines.train import TrainConfig, barrier, is_main_process, train
 from distill import student as students
 from distill.data import PoolConfig, pool_batches, teacher_pool
@@ -71,21 +72,11 @@ def round_grid(*, num_train_timesteps: int, steps: int) -> Tensor:
 
 
 @torch.no_grad()
-def denoiser_ddim_step(predict_x0, z: Tensor, t: Tensor, t_prev: Tensor, alpha_sigma) -> Tensor:
-    """One deterministic DDIM step z_t -> z_{t_prev} with a model's x0 prediction."""
-    alpha, sigma = alpha_sigma(t)
-    alpha_prev, sigma_prev = alpha_sigma(t_prev)
-    x0 = predict_x0(z, t)
-    eps = diffusion.eps_from_x0(z=z, x0=x0, alpha=alpha, sigma=sigma)
-    return diffusion.ddim_step(x0=x0, eps=eps, alpha_prev=alpha_prev, sigma_prev=sigma_prev)
-
-
-@torch.no_grad()
 def two_step_target(predict_x0, z: Tensor, ts: Tensor, alpha_sigma) -> Tensor:
     """x~ for z_t given rows (t, t', t''): two teacher DDIM steps, then the one-step inversion."""
     t, t_mid, t_next = ts.unbind(1)
-    z_mid = denoiser_ddim_step(predict_x0, z, t, t_mid, alpha_sigma)
-    z_next = denoiser_ddim_step(predict_x0, z_mid, t_mid, t_next, alpha_sigma)
+    z_mid = ddim_step_with(predict_x0, z, t, t_mid, alpha_sigma)
+    z_next = ddim_step_with(predict_x0, z_mid, t_mid, t_next, alpha_sigma)
     alpha, sigma = alpha_sigma(t)
     alpha_next, sigma_next = alpha_sigma(t_next)
     return diffusion.progressive_target(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from baselines import data, diffusion
 from baselines.errors import ConfigError, FewstepError
-from baselines.samplers import make_scheduler
+from baselines.samplers import ddim_step_with, make_scheduler
 
 IMAGE_HELP = (
     "Any PIL-readable image: greyscale is replicated to RGB, alpha is composited over black, and the "
@@ -187,16 +187,17 @@ def ddim_partial(
     t0 = timesteps[start].expand(x0.shape[0])
     alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t0)
     z = diffusion.diffuse(x0=x0, eps=noise.to(x0), alpha=alpha, sigma=sigma)
+
+    def alpha_sigma(t):
+        return diffusion.alpha_sigma(alphas_cumprod=acp, t=t, final_alpha_cumprod=final_alpha_cumprod)
+
+    def predict_x0(z_, t_):
+        return denoiser(z_, t_, text, parametrisation="x0", **denoiser_kwargs)
+
     for i in tqdm(range(start, len(timesteps)), desc="edit", disable=not progress):
         t = timesteps[i].expand(x0.shape[0])
         t_prev = timesteps[i + 1].expand(x0.shape[0]) if i + 1 < len(timesteps) else torch.full_like(t, -1)
-        alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t)
-        pred = denoiser(z, t, text, parametrisation="v", **denoiser_kwargs)
-        x0_hat, eps_hat = diffusion.to_x0_eps(z=z, pred=pred, parametrisation="v", alpha=alpha, sigma=sigma)
-        alpha_prev, sigma_prev = diffusion.alpha_sigma(
-            alphas_cumprod=acp, t=t_prev, final_alpha_cumprod=final_alpha_cumprod
-        )
-        z = diffusion.ddim_step(x0=x0_hat, eps=eps_hat, alpha_prev=alpha_prev, sigma_prev=sigma_prev)
+        z = ddim_step_with(predict_x0, z, t, t_prev, alpha_sigma)
         if callback is not None:
             z = callback(z, t_prev)
     return z
