@@ -150,6 +150,20 @@ def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: li
     return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
 
 
+@dataclass
+class FinetuneCLIPStage:
+    """Continue training a CLIP contrastively, on a fresh data stream (``seed``): the embedded
+    evaluator CLIP is the teacher's CLIP trained further, so the teacher keeps its text encoder."""
+
+    kind: str = "finetune_clip"
+    clip: str = "???"
+    dataset: str = "shapes"
+    seed: int = 1
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=5e-4, warmup_steps=100)
+    )
+
+
 def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
     """Build the caption tokenizer and train a CLIP on (image, caption) pairs."""
     preset = models.get_preset(cfg.preset)
@@ -157,6 +171,19 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
     tokenizer = models.build_tokenizer()
     clip = models.build_clip(preset, tokenizer)
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
+    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "train_clip")
+
+
+def run_finetune_clip(cfg: FinetuneCLIPStage, out: Path, accelerator=None) -> None:
+    """Load a CLIP and train it further on ``cfg.dataset`` (seeded stream ``cfg.seed``)."""
+    clip, tokenizer = models.load_clip(cfg.clip)
+    clip.requires_grad_(True)
+    dataset = data.make_dataset(cfg.dataset, resolution=clip.config.vision_config.image_size, seed=cfg.seed)
+    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "finetune_clip")
+
+
+def _fit_clip(clip, tokenizer, dataset, train_config: TrainConfig, out: Path, accelerator, desc: str) -> None:
+    """Contrastive training of ``clip`` on the one loop; saves ``<out>/model``."""
 
     def loss(batch, generator):
         ids = tokenize(tokenizer, batch["captions"])
@@ -167,11 +194,11 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
     train(
         loss=loss,
         modules={"clip": clip},
-        batches=_fixed_batches(dataset, cfg.train.batch_size),
-        config=cfg.train,
+        batches=_fixed_batches(dataset, train_config.batch_size),
+        config=train_config,
         out_dir=out / "train",
         accelerator=accelerator,
-        desc="train_clip",
+        desc=desc,
     )
     if is_main_process():
         models.save_clip(clip, tokenizer, out / "model")

@@ -46,8 +46,9 @@ class ProgressiveStage:
     def __post_init__(self):
         if self.parametrisation not in ("v", "x0"):
             raise ConfigError(f"parametrisation must be 'v' or 'x0' (never eps), got {self.parametrisation!r}")
-        ratio = self.start_steps / max(self.end_steps, 1)
-        if self.end_steps < 1 or ratio < 2 or ratio != 2 ** round(torch.log2(torch.tensor(ratio)).item()):
+        ratio = self.start_steps // max(self.end_steps, 1)
+        exact = self.end_steps >= 1 and self.start_steps % self.end_steps == 0
+        if not exact or ratio < 2 or ratio & (ratio - 1):
             raise ConfigError(
                 f"start_steps / end_steps must be a power of two >= 2, got {self.start_steps} / {self.end_steps}"
             )
@@ -86,7 +87,10 @@ def two_step_target(predict_x0, z: Tensor, ts: Tensor, alpha_sigma) -> Tensor:
 
 def _guidance_setup(cfg: ProgressiveStage, teacher_unet, info: dict) -> tuple[tuple[float, float], dict]:
     if students.is_guidance_conditioned(teacher_unet):
-        lo, hi = cfg.guidance_range or info.get("guidance", {}).get("range") or (1.0, 8.0)
+        known = cfg.guidance_range or info.get("guidance", {}).get("range")
+        if not known:
+            raise ConfigError(f"teacher {cfg.teacher} is guidance-conditioned: give guidance_range [lo, hi]")
+        lo, hi = known
         rec = info.get("recommended", {}).get("guidance_scale", (lo + hi) / 2)
         return (float(lo), float(hi)), {"conditioned": True, "range": [lo, hi], "recommended": rec}
     s = cfg.guidance_scale if cfg.guidance_scale is not None else info.get("recommended", {}).get("guidance_scale", 7.5)

@@ -40,6 +40,7 @@ def _registry() -> dict[str, StageKind]:
     return {
         "train_vae": StageKind(teacher.TrainVAEStage, teacher.run_train_vae, distributed=True),
         "train_clip": StageKind(teacher.TrainCLIPStage, teacher.run_train_clip, distributed=True),
+        "finetune_clip": StageKind(teacher.FinetuneCLIPStage, teacher.run_finetune_clip, distributed=True),
         "train_teacher": StageKind(teacher.TrainTeacherStage, teacher.run_train_teacher, distributed=True),
         "load_teacher": StageKind(teacher.LoadTeacherStage, teacher.run_load_teacher),
         "check_clip": StageKind(checks.CheckCLIPStage, checks.run_check_clip),

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
@@ -28,14 +29,24 @@ def test_teacher_folder_is_complete(smoke_run):
     assert vae["scaling_factor"] != 1.0  # measured from data, not left at the default
 
 
-def test_stock_pipeline_in_a_fresh_offline_process_matches_fewstep_sample(smoke_run, tmp_path):
-    folder = smoke_run / "teacher" / "model"
+@pytest.mark.parametrize(
+    "model",
+    ["teacher/model", "guidance/model", "guided_progressive/progressive-2step", "progressive/progressive-1step"],
+)
+def test_stock_pipeline_in_a_fresh_offline_process_matches_fewstep_sample(smoke_run, tmp_path, model):
+    """Teacher and every kind of student: the stock pipeline at the recommended steps and guidance
+    in a fresh offline process gives fewstep's images."""
+    folder = smoke_run / model
     result = run_cli(
         "sample", str(folder), "--prompt", PROMPT, "--seed", "7", "--num-images", "2", "--out", str(tmp_path / "ours")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "ours" / "samples.json").read_text())
-    assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 3.0  # from fewstep.json
+    rec = json.loads((folder / "fewstep.json").read_text())["recommended"]
+    assert (meta["num_inference_steps"], meta["guidance_scale"]) == (rec["num_inference_steps"], rec["guidance_scale"])
+    if model == "teacher/model":
+        assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 3.0
+    steps, scale = meta["num_inference_steps"], meta["guidance_scale"]
     script = f"""
 import torch, numpy as np
 from PIL import Image
@@ -43,7 +54,7 @@ from diffusers import StableDiffusionPipeline, DDIMScheduler
 pipe = StableDiffusionPipeline.from_pretrained({str(folder)!r}, dtype=torch.float32)
 for seed in (7, 8):
     g = torch.Generator().manual_seed(seed)
-    image = pipe({PROMPT!r}, num_inference_steps=4, guidance_scale=3.0, generator=g).images[0]
+    image = pipe({PROMPT!r}, num_inference_steps={steps}, guidance_scale={scale}, generator=g).images[0]
     image.save({str(tmp_path)!r} + f"/stock-{{seed}}.png")
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
