@@ -213,10 +213,12 @@ def append_row(path: Path, row: dict) -> None:
         f.write(("\n" if torn else "") + json.dumps(row) + "\n")
 
 
-def line_label(model: str, method: str, sampler: str) -> str:
-    """The plot-legend name of a (model, sampler): 'teacher + DDIM', 's4 (progressive student)'."""
+def line_label(model: str, method: str, sampler: str, info: dict | None = None) -> str:
+    """The plot-legend name of a (model, sampler): 'teacher + DDIM'; students of one method form one
+    line across their step counts: 'progressive student (CFG s=4 distilled)', 'guidance student'."""
     if method in STUDENT_METHODS:
-        return f"{model} ({method} student)"
+        baked = (info or {}).get("guidance", {}).get("distilled_scale")
+        return f"{method} student" + (f" (CFG s={baked:g} distilled)" if baked else "")
     return f"{model} + {SAMPLER_NAMES.get(sampler, sampler)}"
 
 
@@ -316,7 +318,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "model": entry["name"],
                 "path": str(entry["path"]),
                 "method": method,
-                "label": line_label(entry["name"], method, sampler),
+                "label": line_label(entry["name"], method, sampler, info),
                 "sampler": sampler,
                 "steps": steps,
                 "guidance_scale": scale,
