@@ -141,13 +141,15 @@ def _final_loss(train_dir: Path) -> float | None:
     return rows[-1]["loss"] if rows else None
 
 
-def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: list[str]) -> torch.Tensor:
+def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: list[str], *, with_output=False):
     """Symmetric InfoNCE (Radford et al. 2021) where every pair with the same caption counts as a
-    positive (captions repeat within a batch on a compositional dataset)."""
+    positive (captions repeat within a batch on a compositional dataset); ``with_output`` also
+    returns the CLIP forward's output."""
     out = clip(input_ids=input_ids, pixel_values=pixel_values)
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=pixel_values.device)
     targets = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
+    value = 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
+    return (value, out) if with_output else value
 
 
 @dataclass
@@ -159,9 +161,26 @@ class FinetuneCLIPStage:
     clip: str = "???"
     dataset: str = "shapes"
     seed: int = 1
+    hard_negatives: list[str] = field(default_factory=list)  # attributes to contrast captions on, e.g. [shape]
+    hard_negative_weight: float = 1.0
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=5e-4, warmup_steps=100)
     )
+
+
+def hard_negative_loss(clip: CLIPModel, tokenizer, image_embeds, attributes: list[dict], key: str) -> torch.Tensor:
+    """NegCLIP-style hard negatives (Yuksekgonul et al. 2023): each image's caption against the same
+    caption with attribute ``key`` changed to every other value; cross-entropy on the true one."""
+    candidates, targets = [], []
+    for a in attributes:
+        values = data.attribute_values(key, a)
+        candidates += [data.caption({**a, key: v}) for v in values]
+        targets.append(values.index(a[key]))
+    ids = tokenize(tokenizer, candidates).to(image_embeds.device)
+    text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
+    text = text.view(len(attributes), -1, text.shape[-1])
+    logits = clip.logit_scale.exp() * torch.einsum("bd,bkd->bk", image_embeds, text)
+    return F.cross_entropy(logits, torch.tensor(targets, device=logits.device))
 
 
 def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
@@ -179,17 +198,30 @@ def run_finetune_clip(cfg: FinetuneCLIPStage, out: Path, accelerator=None) -> No
     clip, tokenizer = models.load_clip(cfg.clip)
     clip.requires_grad_(True)
     dataset = data.make_dataset(cfg.dataset, resolution=clip.config.vision_config.image_size, seed=cfg.seed)
-    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "finetune_clip")
+    unknown = set(cfg.hard_negatives) - set(data.ATTRIBUTES)
+    if unknown:
+        raise ConfigError(f"hard_negatives: unknown attribute {sorted(unknown)[0]!r}; choose from {data.ATTRIBUTES}")
+
+    def extra(batch, out):
+        image_embeds = F.normalize(out.image_embeds, dim=-1)
+        terms = [hard_negative_loss(clip, tokenizer, image_embeds, batch["attributes"], k) for k in cfg.hard_negatives]
+        return cfg.hard_negative_weight * sum(terms) / len(terms) if terms else 0.0
+
+    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "finetune_clip", extra=extra)
 
 
-def _fit_clip(clip, tokenizer, dataset, train_config: TrainConfig, out: Path, accelerator, desc: str) -> None:
-    """Contrastive training of ``clip`` on the one loop; saves ``<out>/model``."""
+def _fit_clip(
+    clip, tokenizer, dataset, train_config: TrainConfig, out: Path, accelerator, desc: str, extra=None
+) -> None:
+    """Contrastive training of ``clip`` on the one loop (plus ``extra(batch, clip_output)`` loss
+    terms); saves ``<out>/model``."""
 
     def loss(batch, generator):
         ids = tokenize(tokenizer, batch["captions"])
-        return clip_contrastive_loss(
-            clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"]
+        value, output = clip_contrastive_loss(
+            clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"], with_output=True
         )
+        return value + extra(batch, output) if extra else value
 
     train(
         loss=loss,
