@@ -41,9 +41,14 @@ def test_two_processes_keep_equal_replicas(tmp_path):
     assert ranks[0]["weights"] == ranks[1]["weights"]
 
 
-def test_smoke_teacher_trains_on_two_processes(tmp_path):
+def test_smoke_chain_trains_and_distils_on_two_processes(tmp_path):
     result = _torchrun("-m", "fewstep", "run", "configs/smoke.yaml", f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "teacher" / "train" / "log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2
     assert (tmp_path / "teacher" / "model" / "model_index.json").is_file()
+    # the same run distils on both processes (one loop, so the same DDP path) and saves each student once
+    for round_log in ("guidance/train", "guided_progressive/train/round-1", "progressive/train/round-1"):
+        first = json.loads((tmp_path / round_log / "log.jsonl").read_text().splitlines()[0])
+        assert first["world_size"] == 2, round_log
+    assert (tmp_path / "guided_progressive" / "model" / "fewstep.json").is_file()
