@@ -29,6 +29,12 @@ def get_guidance_scale_embedding(w: Tensor, embedding_dim: int, dtype: torch.dty
     return emb
 
 
+def is_guidance_conditioned(unet) -> bool:
+    """True for a guidance-distilled (w-conditioned) U-Net, i.e. one with ``time_cond_proj_dim``:
+    the stock pipeline feeds it the guidance embedding and runs one pass per step, no CFG doubling."""
+    return getattr(unet.config, "time_cond_proj_dim", None) is not None
+
+
 class UNetDenoiser(nn.Module):
     """Adapts a diffusers ``UNet2DConditionModel`` plus its scheduler's alphas to the interface.
 
@@ -62,8 +68,8 @@ class UNetDenoiser(nn.Module):
     ) -> Tensor:
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
         timestep_cond = None
-        proj_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
-        if proj_dim is not None:
+        if is_guidance_conditioned(self.unet):
+            proj_dim = self.unet.config.time_cond_proj_dim
             if guidance_scale is None:
                 raise ValueError("this U-Net is guidance-conditioned: pass guidance_scale")
             w = torch.as_tensor(guidance_scale, dtype=torch.float32).expand(z.shape[0]) - 1

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from baselines import diffusion, models
 from baselines.data import to_uint8
 from baselines.errors import FewstepError
+from baselines.guidance import is_guidance_conditioned
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -175,7 +176,7 @@ def sample_to_folder(
             sampler=sampler,
             steps=steps,
             guidance_scale=scale,
-            guidance_conditioned=getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None,
+            guidance_conditioned=is_guidance_conditioned(pipe.unet),
         ),
     }
     (out / "samples.json").write_text(json.dumps(meta, indent=2))

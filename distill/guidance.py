@@ -18,7 +18,7 @@ import torch
 
 from baselines import diffusion, models
 from baselines.errors import ConfigError
-from baselines.guidance import encode_text
+from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss, draw_timesteps
 from baselines.train import TrainConfig, is_main_process, train
 from distill import student as students
@@ -49,7 +49,7 @@ class GuidanceStage:
 def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     """Train the guidance-conditioned student and save it as ``<out>/model``."""
     teacher_pipe = models.load_pipeline(cfg.teacher)
-    if students.is_guidance_conditioned(teacher_pipe.unet):
+    if is_guidance_conditioned(teacher_pipe.unet):
         raise ConfigError(f"teacher {cfg.teacher} is already guidance-conditioned; give the CFG teacher")
     info = models.read_info(cfg.teacher)
     lo, hi = (float(s) for s in cfg.guidance_range)

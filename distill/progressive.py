@@ -20,7 +20,7 @@ from torch import Tensor
 
 from baselines import diffusion, models
 from baselines.errors import ConfigError
-from baselines.guidance import encode_text
+from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss
 from baselines.samplers import ddim_step_with
 from baselines.train import TrainConfig, barrier, is_main_process, train
@@ -86,7 +86,7 @@ def two_step_target(predict_x0, z: Tensor, ts: Tensor, alpha_sigma) -> Tensor:
 
 
 def _guidance_setup(cfg: ProgressiveStage, teacher_unet, info: dict) -> tuple[tuple[float, float], dict]:
-    if students.is_guidance_conditioned(teacher_unet):
+    if is_guidance_conditioned(teacher_unet):
         known = cfg.guidance_range or info.get("guidance", {}).get("range")
         if not known:
             raise ConfigError(f"teacher {cfg.teacher} is guidance-conditioned: give guidance_range [lo, hi]")

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from baselines import diffusion, models
-from baselines.guidance import CFGDenoiser, UNetDenoiser
+from baselines.guidance import CFGDenoiser, UNetDenoiser, is_guidance_conditioned
 from baselines.train import read_log
 
 NEGATIVE_PROMPT_NOTE = (
@@ -26,11 +26,6 @@ NEGATIVE_PROMPT_NOTE = (
     "(diffusers applies classifier-free guidance only when guidance_scale > 1 and the U-Net has no "
     "time_cond_proj_dim)"
 )
-
-
-def is_guidance_conditioned(unet) -> bool:
-    """True for a w-conditioned U-Net (``time_cond_proj_dim`` set)."""
-    return getattr(unet.config, "time_cond_proj_dim", None) is not None
 
 
 def student_scheduler(teacher_config: dict, *, parametrisation: str) -> DDIMScheduler:

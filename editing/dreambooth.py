@@ -14,14 +14,13 @@ from torch import Tensor
 
 from baselines import models
 from baselines.errors import ConfigError
-from baselines.guidance import UNetDenoiser, tokenize
+from baselines.guidance import UNetDenoiser, is_guidance_conditioned, tokenize
 from baselines.losses import denoising_loss
 from baselines.samplers import generate, resolve_defaults
 from baselines.train import TrainConfig, is_main_process, train
 from editing.common import encode_image, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
-from editing.sdedit import guidance_conditioned
 
 
 @dataclass
@@ -82,7 +81,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         modules["text_encoder"] = pipe.text_encoder
     denoiser = UNetDenoiser.from_pipeline(pipe)
     scale = info.get("recommended", {}).get("guidance_scale", 1.0)
-    kwargs = {"guidance_scale": scale} if guidance_conditioned(pipe) else {}
+    kwargs = {"guidance_scale": scale} if is_guidance_conditioned(pipe.unet) else {}
     bs = cfg.train.batch_size
 
     def batches(i: int) -> dict:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from baselines import models
 from baselines.errors import ConfigError
-from baselines.guidance import UNetDenoiser, encode_text
+from baselines.guidance import UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.losses import denoising_loss
 from baselines.samplers import resolve_defaults
 from baselines.train import TrainConfig, is_main_process, train
@@ -38,7 +38,7 @@ from editing.common import (
     write_rows,
 )
 from editing.lora import add_lora, merge_lora
-from editing.sdedit import edit_nfe, guidance_conditioned, img2img
+from editing.sdedit import edit_nfe, img2img
 
 
 class TextEmbedding(nn.Module):
@@ -60,7 +60,7 @@ def freeze(pipe) -> None:
 
 def _reconstruction_loss(pipe, latents: Tensor, text_fn, batch_size: int, guidance_scale: float):
     denoiser = UNetDenoiser.from_pipeline(pipe)
-    kwargs = {"guidance_scale": guidance_scale} if guidance_conditioned(pipe) else {}
+    kwargs = {"guidance_scale": guidance_scale} if is_guidance_conditioned(pipe.unet) else {}
     x0 = latents.expand(batch_size, *latents.shape[1:])
 
     def loss(batch: dict, generator: torch.Generator) -> Tensor:

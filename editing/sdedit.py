@@ -15,7 +15,7 @@ from torch import Tensor
 
 from baselines import models
 from baselines.errors import ConfigError
-from baselines.guidance import CFGDenoiser, UNetDenoiser, encode_text
+from baselines.guidance import CFGDenoiser, UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.samplers import resolve_defaults, unet_evaluations
 from editing.common import (
     EditSource,
@@ -37,16 +37,11 @@ from editing.common import (
 )
 
 
-def guidance_conditioned(pipe) -> bool:
-    """True for a guidance-distilled student (one U-Net pass per step, no CFG doubling)."""
-    return getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
-
-
 def make_denoiser(pipe, guidance_scale: float, negative_prompt: str = "") -> tuple[torch.nn.Module, dict]:
     """The pipeline's denoiser and its call kwargs: CFG-wrapped for a teacher (s > 1), fed the
     scale directly for a guidance-conditioned student."""
     base = UNetDenoiser.from_pipeline(pipe)
-    if guidance_conditioned(pipe):
+    if is_guidance_conditioned(pipe.unet):
         return base, {"guidance_scale": guidance_scale}
     if guidance_scale > 1:
         uncond = encode_text(pipe.tokenizer, pipe.text_encoder, [negative_prompt])
@@ -60,7 +55,10 @@ def edit_nfe(pipe, *, steps: int, strength: float, guidance_scale: float) -> int
     if run == 0:
         return 0
     return unet_evaluations(
-        sampler="ddim", steps=run, guidance_scale=guidance_scale, guidance_conditioned=guidance_conditioned(pipe)
+        sampler="ddim",
+        steps=run,
+        guidance_scale=guidance_scale,
+        guidance_conditioned=is_guidance_conditioned(pipe.unet),
     )
 
 

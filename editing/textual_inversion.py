@@ -17,13 +17,12 @@ from torch import Tensor, nn
 
 from baselines import models
 from baselines.errors import ConfigError
-from baselines.guidance import UNetDenoiser, tokenize
+from baselines.guidance import UNetDenoiser, is_guidance_conditioned, tokenize
 from baselines.losses import denoising_loss
 from baselines.train import TrainConfig, is_main_process, train
 from editing.common import encode_image, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
-from editing.sdedit import guidance_conditioned
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -100,7 +99,7 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
     rows = NewTokenRows(original, first)
     pipe.text_encoder.set_input_embeddings(rows)
     denoiser = UNetDenoiser.from_pipeline(pipe)
-    kwargs = {"guidance_scale": cfg.guidance_scale or 1.0} if guidance_conditioned(pipe) else {}
+    kwargs = {"guidance_scale": cfg.guidance_scale or 1.0} if is_guidance_conditioned(pipe.unet) else {}
     n, bs = len(prompts), cfg.train.batch_size
 
     def batches(i: int) -> dict:

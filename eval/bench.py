@@ -17,6 +17,7 @@ import torch
 
 from baselines import data, models
 from baselines.errors import FewstepError
+from baselines.guidance import is_guidance_conditioned
 from baselines.samplers import generate, resolve_defaults, unet_evaluations
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -35,7 +36,7 @@ def _best_seconds(fn, repeats: int) -> float:
 @torch.no_grad()
 def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float]:
     """(seconds of one bare U-Net forward on the pipeline's batch, seconds of one VAE decode of the batch)."""
-    conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    conditioned = is_guidance_conditioned(pipe.unet)
     cfg = guidance_scale > 1 and not conditioned
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, cfg)
     states = torch.cat([uncond, cond]) if cfg else cond
@@ -69,7 +70,7 @@ def bench_model(
     pipe = models.load_pipeline(model)
     info = models.read_info(model)
     _, scale, sampler = resolve_defaults(pipe, info, steps=1, guidance_scale=guidance_scale, sampler=sampler)
-    conditioned = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    conditioned = is_guidance_conditioned(pipe.unet)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     prompts = data.ShapesDataset(split="heldout", resolution=res).batch(range(batch_size))["captions"]
     seeds = list(range(batch_size))

@@ -80,31 +80,26 @@ def test_sdedit_strength_one_starts_from_pure_noise_at_the_first_grid_point(tiny
     noise = common.draw_noise(tuple(latents.shape[1:]), [3, 4])
     grid = common.timestep_grid(tiny_pipe.scheduler.config, 4)
     text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT] * 2)
-    common.ddim_partial(
-        spy,
-        alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
-        final_alpha_cumprod=1.0,
-        x0=latents,
-        noise=noise,
-        timesteps=grid,
-        start=common.start_index(4, 1.0),
-        text=text,
-    )
+
+    def run(strength: float):
+        common.ddim_partial(
+            spy,
+            alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
+            final_alpha_cumprod=1.0,
+            x0=latents,
+            noise=noise,
+            timesteps=grid,
+            start=common.start_index(4, strength),
+            text=text,
+        )
+
+    run(1.0)
     assert len(calls) == 4
     z_first, t_first = calls[0]
     assert int(t_first[0]) == tiny_pipe.scheduler.config.num_train_timesteps - 1
     torch.testing.assert_close(z_first, noise)  # zero terminal SNR: alpha = 0 at the first grid point
     calls.clear()
-    common.ddim_partial(
-        spy,
-        alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod,
-        final_alpha_cumprod=1.0,
-        x0=latents,
-        noise=noise,
-        timesteps=grid,
-        start=common.start_index(4, 0.5),
-        text=text,
-    )
+    run(0.5)
     assert [int(t[0]) for _, t in calls] == grid[2:].tolist()
     alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod, t=grid[2:3].expand(2))
     torch.testing.assert_close(calls[0][0], diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma))
