@@ -46,10 +46,21 @@ _COLOUR_JITTER = 12
 _POSITION_JITTER = 0.06
 
 
-def caption(attributes: dict) -> str:
-    """The caption of a shapes image from its named attributes."""
-    a = attributes
-    return f"a {a['size']} {a['colour']} {a['shape']} on a {a['background']} background, {a['position']}"
+NOUN_PHRASE = ("size", "colour", "shape")  # the caption words before "on a ... background"
+
+
+def caption(attributes: dict, *, replace: tuple[str, ...] | list[str] = (), phrase: str = "") -> str:
+    """The caption of a shapes image from its named attributes. The words of the ``replace``
+    attributes (of size, colour, shape) become ``phrase``, placed where the first of them was: a
+    learned token or a DreamBooth identifier ("a small <tok> on a blue background, top left")."""
+    words, placed = [], False
+    for key in NOUN_PHRASE:
+        if key not in replace:
+            words.append(attributes[key])
+        elif not placed:
+            words += [phrase] if phrase else []
+            placed = True
+    return f"a {' '.join(words)} on a {attributes['background']} background, {attributes['position']}"
 
 
 def attribute_values(key: str, attributes: dict | None = None) -> list[str]:
@@ -163,10 +174,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         image, geometry = render(attributes, self.resolution, rng)
         return image, {**attributes, **geometry}
 
+    def attributes_of(self, index: int) -> dict:
+        """The named attributes of item ``index`` without rendering its image."""
+        return sample_attributes(np.random.default_rng([self.seed, SPLITS[self.split], int(index)]))
+
     def caption_of(self, index: int) -> str:
         """The caption of item ``index`` without rendering its image."""
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], int(index)])
-        return caption(sample_attributes(rng))
+        return caption(self.attributes_of(index))
 
     def __getitem__(self, index: int) -> dict:
         image, attributes = self.sample(index)

@@ -12,7 +12,7 @@ from torch import Tensor
 from baselines import data
 from baselines.errors import ConfigError, FewstepError
 
-CONCEPT_KEYS = ("size", "colour", "shape")  # the caption words before "on a ... background"
+CONCEPT_KEYS = data.NOUN_PHRASE
 
 
 @dataclass
@@ -70,22 +70,8 @@ def concept_images(source: ConceptSource, resolution: int, limit: int = 1_000_00
     raise ConfigError(f"found only {len(pixels)} shapes images with {dict(source.concept)}")
 
 
-def concept_prompt(attributes: dict, replace: list[str], phrase: str) -> str:
-    """A shapes caption whose ``replace`` attribute words become ``phrase`` (placed where the first
-    of them was), e.g. colour+shape -> "a small <tok> on a blue background, top left"."""
-    words, placed = [], False
-    for key in CONCEPT_KEYS:
-        if key in replace:
-            if not placed and phrase:
-                words.append(phrase)
-            placed = True
-        else:
-            words.append(attributes[key])
-    return f"a {' '.join(words)} on a {attributes['background']} background, {attributes['position']}"
-
-
 def concept_prompts(source: ConceptSource, images: ConceptImages, replace: list[str], phrase: str) -> list[str]:
     """One training prompt per concept image, with the concept words replaced by ``phrase``."""
     if images.attributes is None:
         return [source.template.format(phrase)] * len(images.pixels)
-    return [concept_prompt(a, replace, phrase) for a in images.attributes]
+    return [data.caption(a, replace=replace, phrase=phrase) for a in images.attributes]

@@ -7,6 +7,11 @@ C. sample from e = eta e_tgt + (1 - eta) e_opt with the fine-tuned model (paper 
    sweep of eta, through the one editing sampler (``img2img`` at strength 1).
 A and B are loss callables on the one training loop; any pipeline (teacher or guidance-
 conditioned student) works.
+
+Few-step Imagic: A and B on the teacher, then stage C also on a student distilled from it, with
+B's weight change added to the student (``student``, ``student_delta_scale``). Fine-tuning the
+student itself with the plain denoising loss (``model: <student>``) undoes its few-step skill:
+measured on the embedded default, its edits barely change the input (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from editing.common import (
     save_strip,
     write_rows,
 )
-from editing.lora import add_lora, merge_lora
+from editing.lora import add_lora, add_weight_change, merge_lora
 from editing.sdedit import edit_nfe, img2img
 
 
@@ -159,6 +164,10 @@ class ImagicStage:
     lora_rank: int = 0  # stage B: 0 = fine-tune the whole U-Net; r > 0 = rank-r LoRA, merged after
     save_models: bool = True
     seed: int = 0
+    # few-step stage C: a student distilled from `model` gets `student_delta_scale` x stage B's weight change
+    student: str | None = None
+    student_steps: int | None = None  # default: the student's recommended steps
+    student_delta_scale: float = 0.5
     embedding: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=1e-2, checkpoint_every=10_000, log_every=10)
     )
@@ -168,18 +177,20 @@ class ImagicStage:
 
 
 def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
-    """Stages A, B, C for every input; writes e_tgt/e_opt safetensors, the fine-tuned pipeline
-    folder, the edited images, a grid over eta and ``edits.jsonl``."""
+    """Stages A, B, C for every input (C also on ``cfg.student``); writes e_tgt/e_opt safetensors,
+    the fine-tuned pipeline folders, the edited images, grids over eta and ``edits.jsonl``."""
     if not cfg.etas:
         raise ConfigError("etas is empty: give at least one eta (Imagic sweeps 0..1)")
     preflight(cfg.source)
     parent = models.load_pipeline(cfg.model)
     info = models.read_info(cfg.model)
     steps, scale, _ = resolve_defaults(parent, info, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim")
+    student = _load_student(cfg) if cfg.student else None
     inputs = resolve_inputs(cfg.source, model_resolution(parent))
     rows = []
     for k, item in enumerate(inputs):
         pipe = parent if k == 0 else models.load_pipeline(cfg.model)
+        base = {n: v.clone() for n, v in pipe.unet.state_dict().items()} if student else None
         folder = out / item.name
         latents = encode_image(pipe.vae, item.pixels[None])
         e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [item.prompt])
@@ -207,36 +218,58 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
             continue
         save_file({"embedding": e_tgt.contiguous()}, folder / "e_tgt.safetensors")
         save_file({"embedding": e_opt.contiguous()}, folder / "e_opt.safetensors")
-        if cfg.save_models:
-            model_info = {
-                "method": "imagic",
-                "parent": str(cfg.model),
-                "prompt": item.prompt,
-                "training_steps": {"embedding": cfg.embedding.steps, "finetune": cfg.finetune.steps},
-                "recommended": info.get("recommended", {}),
-                "config": asdict(cfg),
-            }
-            models.save_pipeline(pipe, folder / "model", model_info)
         input_path = save_image(item.pixels, out / "inputs" / f"{item.name}.png")
-        with Timer() as sample:
-            images = sample_etas(pipe, e_tgt, e_opt, cfg.etas, steps=steps, guidance_scale=scale, seed=cfg.seed + k)
-        save_strip(torch.cat([item.pixels[None], images]), folder / "grid_eta.png")
-        nfe = edit_nfe(pipe, steps=steps, strength=1.0, guidance_scale=scale)
-        for eta, image in zip(cfg.etas, images):
-            path = save_image(image, out / "edits" / f"{item.name}_eta{eta:g}.png")
-            row = edit_row(
-                method="imagic",
-                model=str(cfg.model),
-                item=item,
-                input_path=input_path,
-                output_path=path,
-                mask_path=None,
-                param={"eta": eta},
-                steps=steps,
-                nfe=nfe,
-                seconds=sample.seconds / len(cfg.etas),
-            )
-            rows.append({**row, "fit_seconds": round(fit.seconds, 2)})
+        model_info = {
+            "method": "imagic",
+            "parent": str(cfg.model),
+            "prompt": item.prompt,
+            "training_steps": {"embedding": cfg.embedding.steps, "finetune": cfg.finetune.steps},
+            "recommended": info.get("recommended", {}),
+            "config": asdict(cfg),
+        }
+        runs = [(pipe, str(cfg.model), steps, scale, "", model_info, {})]
+        if student is not None:
+            s_pipe, s_info, s_steps, s_scale, s_base = student
+            s_pipe.unet.load_state_dict(s_base)
+            add_weight_change(s_pipe.unet, tuned=pipe.unet.state_dict(), base=base, scale=cfg.student_delta_scale)
+            transfer = {"weight_change_from": str(cfg.model), "delta_scale": cfg.student_delta_scale}
+            recommended = s_info.get("recommended", {})
+            s_model_info = {**model_info, **transfer, "parent": str(cfg.student), "recommended": recommended}
+            runs.append((s_pipe, str(cfg.student), s_steps, s_scale, "_student", s_model_info, transfer))
+        for run_pipe, name, run_steps, run_scale, suffix, run_info, extra in runs:
+            if cfg.save_models:
+                models.save_pipeline(run_pipe, folder / f"model{suffix}", run_info)
+            with Timer() as sample:
+                images = sample_etas(
+                    run_pipe, e_tgt, e_opt, cfg.etas, steps=run_steps, guidance_scale=run_scale, seed=cfg.seed + k
+                )
+            save_strip(torch.cat([item.pixels[None], images]), folder / f"grid_eta{suffix}.png")
+            nfe = edit_nfe(run_pipe, steps=run_steps, strength=1.0, guidance_scale=run_scale)
+            for eta, image in zip(cfg.etas, images):
+                path = save_image(image, out / "edits" / f"{item.name}{suffix}_eta{eta:g}.png")
+                row = edit_row(
+                    method="imagic",
+                    model=name,
+                    item=item,
+                    input_path=input_path,
+                    output_path=path,
+                    mask_path=None,
+                    param={"eta": eta},
+                    steps=run_steps,
+                    nfe=nfe,
+                    seconds=sample.seconds / len(cfg.etas),
+                )
+                rows.append({**row, "fit_seconds": round(fit.seconds, 2), **extra})
     if is_main_process():
         write_rows(out, rows)
     return rows
+
+
+def _load_student(cfg: ImagicStage):
+    """The stage-C student, its info, steps, guidance scale and original U-Net weights."""
+    pipe = models.load_pipeline(cfg.student)
+    info = models.read_info(cfg.student)
+    steps, scale, _ = resolve_defaults(
+        pipe, info, steps=cfg.student_steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
+    )
+    return pipe, info, steps, scale, {n: v.clone() for n, v in pipe.unet.state_dict().items()}

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from baselines.errors import ConfigError
+
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -52,3 +54,17 @@ def merge_lora(unet: nn.Module) -> None:
         adapter = getattr(parent, leaf)
         adapter.base.weight += adapter.up @ adapter.down
         setattr(parent, leaf, adapter.base)
+
+
+@torch.no_grad()
+def add_weight_change(target: nn.Module, *, tuned: dict[str, Tensor], base: dict[str, Tensor], scale: float) -> None:
+    """target <- target + scale (tuned - base) on every parameter of the fine-tuned model: a
+    fine-tune's weight change carried onto a model distilled from the same base (task arithmetic,
+    Ilharco et al. 2023; as LCM-LoRA adds a base model's LoRA to a distilled one). Parameters only
+    the target has (a guidance student's ``cond_proj``) are left alone; a parameter missing from the
+    target or shaped differently is a one-line error."""
+    own = target.state_dict()
+    for name, value in tuned.items():
+        if name not in own or own[name].shape != value.shape:
+            raise ConfigError(f"the student lacks the fine-tuned U-Net's parameter {name}: distil it from that model")
+        own[name].add_((value.float() - base[name].float()).mul_(scale).to(own[name].dtype))

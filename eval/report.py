@@ -25,6 +25,7 @@ class ReportStage:
     kind: str = "report"
     sweeps: list[str] = field(default_factory=list)
     edits: list[str] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # attribute_eval stage folders
     title: str = "fewstep report"
 
 
@@ -203,7 +204,39 @@ def combined_grid(rows: list[dict], sweep_dir: Path, path: Path) -> Path | None:
     return path
 
 
-def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str = "fewstep report") -> Path:
+def attribute_section(folder: Path, out: Path) -> list[str]:
+    """Markdown for an ``attribute_eval`` folder: accuracy per attribute [95% interval], and the grids."""
+    rows = read_rows(folder / "attribute_results.jsonl")
+    if not rows:
+        return []
+    keys = list(rows[0]["accuracy"])
+    lines = [f"## Attributes of generated images `{folder.name}`", ""]
+    lines += [
+        "Zero-shot attribute accuracy of images generated from held-out captions with the listed "
+        "attributes set (and caption words replaced by a learned token or identifier); brackets: 95% "
+        "Wilson interval.",
+        "",
+        "| entry | example prompt | n | steps | " + " | ".join(keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
+    for r in rows:
+        cells = " | ".join(
+            f"{r['accuracy'][k]:.2f} [{r['interval'][k][0]:.2f}, {r['interval'][k][1]:.2f}]" for k in keys
+        )
+        lines.append(f"| {r['name']} | {r['prompt_example']} | {r['n_images']} | {r['steps']} | {cells} |")
+    lines.append("")
+    for r in rows:
+        grid = folder / r["grid"]
+        if grid.is_file():
+            target = out / f"{folder.name}_{r['grid']}"
+            target.write_bytes(grid.read_bytes())
+            lines += [f"![{r['name']}]({target.name})", ""]
+    return lines
+
+
+def render_report(
+    sweeps: list[Path], edits: list[Path], out: Path, title: str = "fewstep report", attributes: list[Path] = ()
+) -> Path:
     """Write ``<out>/report.md`` and its PNGs; returns the report path."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
@@ -259,6 +292,8 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
                 f"| {r['method']} | {model_name(r['model'])} | {r['param']}={r['value']:g} | {r['n']} | {vals} |"
             )
         lines.append("")
+    for folder in map(Path, attributes):
+        lines += attribute_section(folder, out)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
@@ -266,7 +301,9 @@ def render_report(sweeps: list[Path], edits: list[Path], out: Path, title: str =
 
 def run_report(cfg: ReportStage, out: Path) -> Path:
     """The ``report`` stage."""
-    return render_report([Path(s) for s in cfg.sweeps], [Path(e) for e in cfg.edits], out, cfg.title)
+    return render_report(
+        [Path(s) for s in cfg.sweeps], [Path(e) for e in cfg.edits], out, cfg.title, [Path(a) for a in cfg.attributes]
+    )
 
 
 def report_run_dir(run_dir: str | Path) -> Path:
@@ -277,6 +314,9 @@ def report_run_dir(run_dir: str | Path) -> Path:
         raise FewstepError(f"run folder not found: {run_dir}")
     sweeps = sorted(p.parent for p in run_dir.glob("*/results.jsonl"))
     edits = sorted(p.parent for p in run_dir.glob("*/edit_results.jsonl"))
-    if not sweeps and not edits:
-        raise FewstepError(f"{run_dir} has no stage folder with results.jsonl or edit_results.jsonl")
-    return render_report(sweeps, edits, run_dir / "report", f"fewstep report: {run_dir.name}")
+    attributes = sorted(p.parent for p in run_dir.glob("*/attribute_results.jsonl"))
+    if not sweeps and not edits and not attributes:
+        raise FewstepError(
+            f"{run_dir} has no stage folder with results.jsonl, edit_results.jsonl or attribute_results.jsonl"
+        )
+    return render_report(sweeps, edits, run_dir / "report", f"fewstep report: {run_dir.name}", attributes)

@@ -35,7 +35,7 @@ def _registry() -> dict[str, StageKind]:
     from baselines import teacher
     from distill import guidance, progressive
     from editing import dreambooth, imagic, inpaint, sdedit, textual_inversion
-    from eval import checks, edits, report, sweep
+    from eval import attributes, checks, edits, report, sweep
 
     return {
         "train_vae": StageKind(teacher.TrainVAEStage, teacher.run_train_vae, distributed=True),
@@ -61,6 +61,7 @@ def _registry() -> dict[str, StageKind]:
         # eval/ (sweep, edit_eval, report)
         "sweep": StageKind(sweep.SweepStage, sweep.run_sweep, distributed=True),
         "edit_eval": StageKind(edits.EditEvalStage, edits.run_edit_eval),
+        "attribute_eval": StageKind(attributes.AttributeEvalStage, attributes.run_attribute_eval),
         "report": StageKind(report.ReportStage, report.run_report),
     }
 

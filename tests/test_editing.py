@@ -228,6 +228,44 @@ def test_imagic_stage_writes_the_output_contract_and_is_reproducible(tiny_folder
     assert np.array_equal(np.asarray(Image.open(again[1]["output"])), np.asarray(Image.open(rows[1]["output"])))
 
 
+def test_few_step_imagic_carries_stage_b_weight_change_onto_the_student(tiny_folder, tmp_path):
+    from distill.student import guidance_conditioned_unet
+
+    student = models.load_pipeline(tiny_folder)
+    student.unet = guidance_conditioned_unet(student.unet, embedding_dim=8)
+    with torch.no_grad():
+        student.unet.time_embedding.cond_proj.weight.normal_()  # a trained guidance embedding
+    info = {"method": "guidance", "recommended": {"num_inference_steps": 2, "guidance_scale": 3.0}}
+    models.save_pipeline(student, tmp_path / "student", info)
+    cfg = imagic.ImagicStage(
+        model=str(tiny_folder),
+        student=str(tmp_path / "student"),
+        student_delta_scale=0.5,
+        source=common.EditSource(num_inputs=1, change={"colour": "green"}),
+        etas=[1.0],
+        steps=3,
+        embedding=_quick(),
+        finetune=_quick(),
+    )
+    rows = imagic.run_imagic(cfg, tmp_path / "run")
+    teacher_row, student_row = rows
+    assert (teacher_row["model"], teacher_row["steps"], teacher_row["nfe"]) == (str(tiny_folder), 3, 6)
+    assert (student_row["model"], student_row["steps"], student_row["nfe"]) == (str(tmp_path / "student"), 2, 2)
+    assert student_row["delta_scale"] == 0.5 and student_row["output"] != teacher_row["output"]
+    folder = tmp_path / "run" / teacher_row["input"].split("/")[-1][:-4]
+    base, tuned = _state(models.load_pipeline(tiny_folder).unet), _state(models.load_pipeline(folder / "model").unet)
+    edited = _state(models.load_pipeline(folder / "model_student").unet)
+    original = _state(student.unet)
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    for k in original:
+        expected = original[k] + 0.5 * (tuned[k] - base[k]) if k in base else original[k]
+        torch.testing.assert_close(edited[k], expected, rtol=0, atol=1e-6, msg=k)
+    assert json.loads((folder / "model_student" / "fewstep.json").read_text())["weight_change_from"] == str(tiny_folder)
+    wrong = {k: v[..., :1] for k, v in base.items()}
+    with pytest.raises(ConfigError, match="distil it from that model"):
+        lora.add_weight_change(student.unet, tuned=wrong, base=wrong, scale=1.0)
+
+
 def test_yaml_change_and_concept_replace_rather_than_merge_with_defaults():
     from omegaconf import OmegaConf
 
