@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from baselines import models
+from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, is_guidance_conditioned, tokenize
 from baselines.losses import denoising_loss
@@ -33,8 +33,9 @@ class DreamBoothStage:
     source: ConceptSource = field(default_factory=ConceptSource)
     identifier: str = "sks"
     bind: list[str] = field(default_factory=lambda: ["colour"])
+    class_noun: str = ""  # user images: prompts "<template with 'sks dog'>", class prompt "<template with 'dog'>"
     prior_weight: float = 1.0  # 0 turns prior preservation off
-    num_class_images: int = 8
+    num_class_images: int = 32
     class_steps: int | None = None  # default: the model's recommended steps
     class_guidance_scale: float | None = None
     train_text_encoder: bool = False
@@ -43,10 +44,16 @@ class DreamBoothStage:
     )
 
 
-def class_prompts(cfg: DreamBoothStage, instance_prompts: list[str], n: int) -> list[str]:
-    """The class prompts: the instance prompts without the identifier (cycled to ``n``)."""
-    stripped = [" ".join(w for w in p.split(" ") if w != cfg.identifier) for p in instance_prompts]
-    return [stripped[i % len(stripped)] for i in range(n)]
+def class_prompts(cfg: DreamBoothStage, n: int) -> list[str]:
+    """The prior class's ``n`` prompts, without the identifier. User images: the template with the
+    class noun. Shapes: captions of varied attributes (a fresh stream of the training
+    distribution) with the concept's unbound attributes set and the bound words left out, e.g. bind
+    colour on a purple triangle -> triangles of every size, background and position."""
+    if cfg.source.images is not None:
+        return [cfg.source.template.format(cfg.class_noun).strip()] * n
+    fixed = {k: v for k, v in cfg.source.concept.items() if k not in cfg.bind}
+    stream = data.ShapesDataset(split="train", seed=cfg.source.seed + 1)
+    return [data.caption({**stream.attributes_of(i), **fixed}, replace=cfg.bind) for i in range(n)]
 
 
 def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
@@ -59,7 +66,8 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
     pipe = models.load_pipeline(cfg.model)
     info = models.read_info(cfg.model)
     images = concept_images(cfg.source, model_resolution(pipe))
-    prompts = concept_prompts(cfg.source, images, list(cfg.bind), cfg.identifier)
+    phrase = cfg.identifier if cfg.source.images is None else f"{cfg.identifier} {cfg.class_noun}".strip()
+    prompts = concept_prompts(cfg.source, images, list(cfg.bind), phrase)
     latents = encode_image(pipe.vae, images.pixels)
     instance_ids = tokenize(pipe.tokenizer, prompts)
     prior = cfg.prior_weight > 0
@@ -67,7 +75,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         steps, scale, _ = resolve_defaults(
             pipe, info, steps=cfg.class_steps, guidance_scale=cfg.class_guidance_scale, sampler="ddim"
         )
-        cprompts = class_prompts(cfg, prompts, cfg.num_class_images)
+        cprompts = class_prompts(cfg, cfg.num_class_images)
         class_pixels = generate(
             pipe, cprompts, seeds=list(range(len(cprompts))), num_inference_steps=steps, guidance_scale=scale
         )
@@ -117,6 +125,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
             "method": "dreambooth",
             "parent": str(cfg.model),
             "instance_prompts": prompts,
+            "class_prompts": cprompts if prior else [],
             "training_steps": cfg.train.steps,
             "recommended": info.get("recommended", {}),
             "config": asdict(cfg),

@@ -91,7 +91,18 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def _entry_hash(cfg: AttributeEvalStage, entry: AttributeEntry) -> str:
-    key = {"entry": asdict(entry), "n": cfg.n_images, "clip": cfg.clip, "seed": cfg.seed}
+    """Identity of an entry's row: its settings plus the model's ``fewstep.json`` and the embeddings
+    file's bytes, so a retrained model at the same path is evaluated again."""
+    model = models.read_info(entry.model)
+    embeds = hashlib.sha256(Path(entry.embeddings).read_bytes()).hexdigest() if entry.embeddings else ""
+    key = {
+        "entry": asdict(entry),
+        "n": cfg.n_images,
+        "clip": cfg.clip,
+        "seed": cfg.seed,
+        "model": model,
+        "embeds": embeds,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,8 +110,6 @@ def load_entry_pipeline(entry: AttributeEntry):
     """The entry's pipeline, with its textual-inversion embeddings loaded when given."""
     pipe = models.load_pipeline(entry.model)
     if entry.embeddings:
-        if not Path(entry.embeddings).is_file():
-            raise ConfigError(f"attribute_eval entry {entry.name!r}: embeddings file not found: {entry.embeddings}")
         pipe.load_textual_inversion(entry.embeddings)
     return pipe
 
@@ -118,6 +127,8 @@ def run_attribute_eval(cfg: AttributeEvalStage, out: Path, accelerator=None) -> 
     done = {r["hash"] for r in read_rows(path)}
     clip = M.load_clip_model(cfg.clip)
     for entry in entries:
+        if entry.embeddings and not Path(entry.embeddings).is_file():
+            raise ConfigError(f"attribute_eval entry {entry.name!r}: embeddings file not found: {entry.embeddings}")
         key = _entry_hash(cfg, entry)
         if key in done:
             continue

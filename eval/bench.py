@@ -4,7 +4,9 @@ evaluations plus one VAE decode, measured in the same run on the same batch; ove
 The raw cost is the bare ``unet(latents, t, encoder_hidden_states)`` forward on the batch the pipeline
 feeds it (doubled under classifier-free guidance; with the guidance embedding for a w-conditioned
 student) times the number of U-Net calls, plus ``vae.decode`` of the batch. Everything else the
-pipeline does (text encoding, scheduler maths, latent preparation, post-processing) is overhead.
+pipeline does (text encoding, scheduler maths, latent preparation, post-processing) is overhead. The
+prompt encoding (``pipe.encode_prompt`` of the batch, with the negative prompt under CFG) is timed too,
+so the table also shows what remains of the overhead beyond it.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ def _best_seconds(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float]:
-    """(seconds of one bare U-Net forward on the pipeline's batch, seconds of one VAE decode of the batch)."""
+def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float, float]:
+    """Seconds of (one bare U-Net forward on the pipeline's batch, one VAE decode of the batch, the
+    batch's prompt encoding as the pipeline does it)."""
     conditioned = is_guidance_conditioned(pipe.unet)
     cfg = guidance_scale > 1 and not conditioned
-    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, cfg)
+    encode = lambda: pipe.encode_prompt(prompts, "cpu", 1, cfg)  # noqa: E731
+    cond, uncond = encode()
+    text = _best_seconds(encode, repeats)
     states = torch.cat([uncond, cond]) if cfg else cond
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
@@ -53,7 +58,7 @@ def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5)
     z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
     pipe.vae.decode(z)
     vae = _best_seconds(lambda: pipe.vae.decode(z), repeats)
-    return unet, vae
+    return unet, vae, text
 
 
 def bench_model(
@@ -87,7 +92,7 @@ def bench_model(
         )
         run()  # warm-up (scheduler set-up, allocator)
         pipeline = _best_seconds(run, repeats)
-        unet_s, vae_s = raw_costs(pipe, prompts, scale, repeats=max(repeats, 5))  # same batch, right after
+        unet_s, vae_s, text_s = raw_costs(pipe, prompts, scale, repeats=max(repeats, 5))  # same batch, right after
         nfe = unet_evaluations(sampler=sampler, steps=n, guidance_scale=scale, guidance_conditioned=conditioned)
         calls = nfe // (2 if scale > 1 and not conditioned else 1)  # the CFG pair is one batched call
         raw = calls * unet_s + vae_s
@@ -104,7 +109,9 @@ def bench_model(
                 "raw_seconds_per_image": raw / batch_size,
                 "unet_ms_per_call": 1000 * unet_s,
                 "vae_decode_ms": 1000 * vae_s,
+                "text_encoding_ms": 1000 * text_s,
                 "overhead": pipeline / raw,
+                "overhead_beyond_text": pipeline / (raw + text_s),
             }
         )
     return rows
@@ -114,14 +121,15 @@ def markdown_table(rows: list[dict]) -> str:
     """The bench rows as a markdown table."""
     head = (
         "| model | method | sampler | steps | w | nfe | s/image | raw U-Net+VAE s/image | U-Net ms/call "
-        "| VAE ms | overhead |"
+        "| VAE ms | text enc. ms | overhead | beyond text enc. |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {r['nfe']} "
             f"| {r['seconds_per_image']:.4f} | {r['raw_seconds_per_image']:.4f} | {r['unet_ms_per_call']:.1f} "
-            f"| {r['vae_decode_ms']:.1f} | {r['overhead']:.2f} |"
+            f"| {r['vae_decode_ms']:.1f} | {r['text_encoding_ms']:.1f} | {r['overhead']:.2f} "
+            f"| {r['overhead_beyond_text']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -163,7 +171,8 @@ def run_bench(
         f"Measured {time.strftime('%Y-%m-%d')} with {torch.get_num_threads()} torch thread(s), batch {batch_size}, "
         f"fastest of {repeats} runs (raw: of 5+, measured right after each pipeline timing). "
         "raw = U-Net calls x one bare U-Net forward on the same batch (CFG pair batched) "
-        "+ one VAE decode; overhead = pipeline time / raw.\n\n" + markdown_table(rows)
+        "+ one VAE decode; overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the "
+        "batch's prompt encoding).\n\n" + markdown_table(rows)
     )
     write_section(out, body)
     return rows

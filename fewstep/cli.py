@@ -97,6 +97,7 @@ def _train(args) -> None:
             model=args.model,
             source=source,
             identifier=args.token or "sks",
+            class_noun=args.class_noun,
             prior_weight=args.prior_weight,
             num_class_images=args.num_class_images,
             train_text_encoder=args.train_text_encoder,
@@ -182,7 +183,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--num-images", type=int, default=4)
     t.add_argument("--num-vectors", type=int, default=1, help="textual inversion: vectors per placeholder")
     t.add_argument("--prior-weight", type=float, default=1.0, help="dreambooth: 0 turns prior preservation off")
-    t.add_argument("--num-class-images", type=int, default=8)
+    t.add_argument("--num-class-images", type=int, default=32)
+    t.add_argument("--class-noun", default="", help="dreambooth, --images: e.g. dog -> 'a photo of sks dog'")
     t.add_argument("--train-text-encoder", action="store_true")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=4)

@@ -1,6 +1,7 @@
 """Editing on tiny components: SDEdit edge cases, inpainting, Imagic, textual inversion, DreamBooth,
 the one-line errors and the CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -353,9 +354,11 @@ def test_dreambooth_trains_the_unet_only_and_saves_a_pipeline(tiny_folder, tmp_p
     info = json.loads((folder / "fewstep.json").read_text())
     assert info["method"] == "dreambooth" and info["instance_prompts"][0].startswith("a ")
     assert "sks purple" not in info["instance_prompts"][0] and "sks triangle" in info["instance_prompts"][0]
-    assert dreambooth.class_prompts(cfg, info["instance_prompts"], 3)[0] == info["instance_prompts"][0].replace(
-        "sks ", ""
-    )
+    prompts = dreambooth.class_prompts(cfg, 20)
+    assert all(p.split(" on a ")[0] in ("a small triangle", "a large triangle") for p in prompts)
+    assert len({p.split(" on a ")[1] for p in prompts}) > 10  # varied backgrounds and positions
+    user = dreambooth.DreamBoothStage(source=concepts.ConceptSource(images="x", template="a photo of {}"))
+    assert dreambooth.class_prompts(dataclasses.replace(user, class_noun="dog"), 2) == ["a photo of dog"] * 2
 
 
 def test_dreambooth_bad_bind_is_a_config_error(tiny_folder, tmp_path):

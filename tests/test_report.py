@@ -122,6 +122,9 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
         assert r["raw_seconds_per_image"] > 0 and r["overhead"] == pytest.approx(
             r["seconds_per_image"] / r["raw_seconds_per_image"]
         )
+        assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] == pytest.approx(
+            r["seconds_per_image"] * 2 / (r["raw_seconds_per_image"] * 2 + r["text_encoding_ms"] / 1000)
+        )
     assert rows[1]["raw_seconds_per_image"] > rows[0]["raw_seconds_per_image"]  # one more U-Net call
     bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
     text = out.read_text()
