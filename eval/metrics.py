@@ -95,8 +95,9 @@ def _log_histogram(values: Tensor) -> Tensor:
 
 
 def low_level_features(images: Tensor) -> Tensor:
-    """Statistics that see noise and blur: at two scales, histograms of log Laplacian and log
-    gradient magnitudes (flat regions, edge sharpness, grain) and per-channel colour moments."""
+    """Statistics that see noise, blur and colour: at two scales, histograms of log Laplacian and
+    log gradient magnitudes (flat regions, edge sharpness, grain); per-channel colour moments and a
+    joint RGB histogram."""
     feats = []
     x = images.float().cpu()
     for scale in (1, 2):
@@ -109,8 +110,18 @@ def low_level_features(images: Tensor) -> Tensor:
         gy = grey[..., 1:, :] - grey[..., :-1, :]
         grad = torch.sqrt(gx[..., :-1, :] ** 2 + gy[..., :, :-1] ** 2)
         feats += [_log_histogram(lap.abs()), _log_histogram(grad)]
-    feats += [x.mean((2, 3)), x.std((2, 3))]
+    feats += [x.mean((2, 3)), x.std((2, 3)), colour_histogram(x)]
     return torch.cat(feats, 1)
+
+
+def colour_histogram(images: Tensor, bins: int = 4) -> Tensor:
+    """Fraction of each image's pixels in each of ``bins``^3 joint RGB cells: sees colours the data
+    never has (a channel permutation, a colour cast), which per-channel moments and CLIP's colour
+    names average away."""
+    q = ((images.float().clamp(-1, 1) + 1) / 2 * bins).long().clamp(max=bins - 1)
+    cell = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
+    counts = torch.stack([torch.bincount(c.flatten(), minlength=bins**3) for c in cell])
+    return counts.float() / cell[0].numel()
 
 
 class EmbeddedEvaluator:

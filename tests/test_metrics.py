@@ -53,7 +53,7 @@ def test_metric_is_named_after_its_features():
     assert metric_name("clip:/some/folder") == "FD-clip"
 
 
-def test_low_level_features_see_noise_and_blur():
+def test_low_level_features_see_noise_blur_and_colour_permutation():
     images = data.ShapesDataset(split="heldout").batch(range(200))["pixel_values"]
     other = data.ShapesDataset(split="heldout").batch(range(200, 400))["pixel_values"]
     spread = data.ShapesDataset(split="heldout").batch(range(400, 800))["pixel_values"]
@@ -66,6 +66,18 @@ def test_low_level_features_see_noise_and_blur():
     noisy = (other + 0.1 * torch.randn(other.shape, generator=g)).clamp(-1, 1)
     assert frechet_distance(ref, FeatureStats.of(f(noisy))) > 10 * base
     assert frechet_distance(ref, FeatureStats.of(f(gaussian_blur(other, 1.0)))) > 10 * base
+    assert frechet_distance(ref, FeatureStats.of(f(other[:, [2, 0, 1]]))) > 10 * base
+
+
+def test_colour_histogram_counts_joint_rgb_cells():
+    from eval.metrics import colour_histogram
+
+    x = torch.full((2, 3, 4, 4), -1.0)  # black: cell (0, 0, 0)
+    x[0, 0, :2] = 1.0  # top half red (3, 0, 0) -> cell 48
+    x[1, :, :, :1] = 0.1  # first column grey (2, 2, 2) -> cell 42
+    h = colour_histogram(x, bins=4)
+    assert h.shape == (2, 64) and torch.allclose(h.sum(1), torch.ones(2))
+    assert h[0, 0] == 0.5 and h[0, 48] == 0.5 and h[1, 0] == 0.75 and h[1, 42] == 0.25
 
 
 def test_gaussian_blur_preserves_constants():
