@@ -8,8 +8,10 @@ features, e.g. "FD-embedded".
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -179,9 +181,20 @@ def get_extractor(name: str):
     )
 
 
-def metric_name(extractor: str) -> str:
-    """'FID' on Inception features, otherwise 'FD-<features>'."""
-    return "FID" if extractor == "inception" else f"FD-{extractor.split(':')[0]}"
+def metric_name(extractor: str, extractors: Sequence[str] = ()) -> str:
+    """'FID' on Inception features, otherwise 'FD-<features>'; when ``extractors`` (all of a sweep's) holds
+    another extractor of the same kind, an extractor with an argument is told apart by its folder name,
+    'FD-clip(<folder>)' (by the whole argument if two folders share a name)."""
+    if extractor == "inception":
+        return "FID"
+    kind, _, arg = extractor.partition(":")
+    others = [e.partition(":")[2] for e in dict.fromkeys(extractors) if e != extractor and e.partition(":")[0] == kind]
+    if not arg or not others:
+        return f"FD-{kind}"
+    label = Path(arg.rstrip("/")).name or arg
+    if any(Path(o.rstrip("/")).name == label for o in others):
+        label = arg
+    return f"FD-{kind}({label})"
 
 
 # ----------------------------------------------------------------------------- attribute accuracy

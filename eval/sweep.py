@@ -245,7 +245,7 @@ def cell_metrics(cfg: SweepStage, images: torch.Tensor, prompts: list[str], attr
     if {"fd", "kid"} & set(cfg.metrics):
         for extractor, extract in tools["extract"].items():
             feats = np.asarray(extract(x), dtype=np.float64)
-            name, ref = M.metric_name(extractor), refs[extractor]
+            name, ref = M.metric_name(extractor, cfg.extractors), refs[extractor]
             if "fd" in cfg.metrics:
                 out[name] = M.frechet_distance(ref["stats"], M.FeatureStats.of(feats))
                 if cfg.bootstrap:

@@ -52,3 +52,38 @@ def test_smoke_chain_trains_and_distils_on_two_processes(tmp_path):
         first = json.loads((tmp_path / round_log / "log.jsonl").read_text().splitlines()[0])
         assert first["world_size"] == 2, round_log
     assert (tmp_path / "guided_progressive" / "model" / "fewstep.json").is_file()
+
+
+def test_sweep_on_two_processes_writes_the_single_process_rows_once(tmp_path):
+    """The sweep stage under torchrun (image i generated on rank i % 2, gathered, rows written by rank 0) gives
+    the rows of the same sweep in one process: same cells, metric values, nfe and n_images, each row once."""
+    from conftest import run_cli
+    from tiny_sweep import save_tiny_models, sweep_fields
+
+    root = save_tiny_models(tmp_path / "models")
+    stage = {"kind": "sweep", **sweep_fields(root, tmp_path / "unused"), "cache_dir": "${run_dir}/cache"}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps({"experiment": "sweep-ddp", "stages": {"sweep": stage}}))  # JSON is YAML
+    two = _torchrun("-m", "fewstep", "run", str(config), f"run_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("run", str(config), f"run_dir={tmp_path / 'one'}", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    timing = {"seconds_per_image", "images_per_second", "processes", "threads"}
+
+    def cells(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "sweep" / "results.jsonl").read_text().splitlines()]
+        by_hash = {r["config_hash"]: r for r in rows}
+        assert len(by_hash) == len(rows) == 6, [r["config_hash"] for r in rows]  # no cell written twice
+        assert {r["processes"] for r in rows} == {2 if run == "two" else 1}
+        return {h: {k: v for k, v in r.items() if k not in timing} for h, r in by_hash.items()}
+
+    two_rows, one_rows = cells("two"), cells("one")
+    assert two_rows.keys() == one_rows.keys()
+    for h, row in one_rows.items():
+        assert two_rows[h].keys() == row.keys()
+        for key, value in row.items():
+            if isinstance(value, float) or key.endswith("_ci95") or key == "attributes":
+                assert two_rows[h][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (row["label"], key)
+            else:
+                assert two_rows[h][key] == value, (row["label"], key)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from torch import Tensor
 
 from baselines import data
 from baselines.errors import FewstepError
@@ -209,3 +210,170 @@ def test_zero_shot_attributes_real_images_vs_noise():
     at_noise = zero_shot_attributes(clip, tok, noise, batch["attributes"])
     chance = {"shape": 1 / 3, "colour": 1 / 7, "background": 1 / 7, "position": 1 / 5, "size": 1 / 2}
     assert all(abs(at_noise[k] - chance[k]) < 0.15 for k in chance), at_noise
+
+
+def test_two_extractors_of_one_kind_get_distinct_names():
+    sweep = ["embedded", "clip:/a/evaluator", "clip:openai/clip-vit-base-patch32", "inception"]
+    names = [metric_name(e, sweep) for e in sweep]
+    assert names == ["FD-embedded", "FD-clip(evaluator)", "FD-clip(clip-vit-base-patch32)", "FID"]
+    assert metric_name("clip:/a/evaluator", ["clip:/a/evaluator", "embedded"]) == "FD-clip"  # the only clip
+    same_folder_name = ["clip:/a/clip", "clip:/b/clip/"]
+    assert [metric_name(e, same_folder_name) for e in same_folder_name] == ["FD-clip(/a/clip)", "FD-clip(/b/clip/)"]
+    assert [metric_name(e, ["embedded", "embedded:/x/c"]) for e in ("embedded", "embedded:/x/c")] == [
+        "FD-embedded", "FD-embedded(c)"
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- a CLIP trained in the fixture
+
+
+def _tower(width: int, layers: int, heads: int, **kw) -> dict:
+    return dict(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def fixture_trained_clip(tmp_path_factory):
+    """A CLIP trained here through the one loop (``baselines.train.train`` on ``clip_contrastive_loss``, the
+    train_clip stage's loss) on 16 px shapes: the ``tiny`` preset with 32-wide towers and a 2-layer vision tower
+    (one layer cannot localise the shape, position stayed at chance), 1000 steps of 128 from a pre-rendered pool
+    of 8192 training images (rendering every batch would double the time), one thread (as fast for this size;
+    the result does not depend on the core count). ~35 s. The caption tokenizer is the shipped one: the BPE
+    merges of ``build_tokenizer()`` tie-break differently from process to process, so word ids, and with them
+    the trained model, changed between runs."""
+    import dataclasses
+
+    from transformers import CLIPTokenizer
+
+    from baselines import models
+    from baselines.guidance import tokenize
+    from baselines.teacher import clip_contrastive_loss
+    from baselines.train import TrainConfig, train
+
+    preset = dataclasses.replace(
+        models.get_preset("tiny"),
+        clip_text=_tower(32, 1, 2),
+        clip_vision=_tower(32, 2, 4, patch_size=4),
+        projection_dim=32,
+    )
+    tok = CLIPTokenizer.from_pretrained(models.PACKAGED / "clip")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        clip = models.build_clip(preset, tok)
+        size, batch_size = 8192, 128
+        pool = data.ShapesDataset(split="train", resolution=preset.resolution).batch(range(size))
+        pool["input_ids"] = tokenize(tok, pool["captions"])
+
+        def batches(i: int) -> dict:
+            idx = torch.arange(i * batch_size, (i + 1) * batch_size) % size
+            return {
+                "pixel_values": pool["pixel_values"][idx],
+                "input_ids": pool["input_ids"][idx],
+                "captions": [pool["captions"][j] for j in idx.tolist()],
+            }
+
+        def loss(batch, generator):
+            return clip_contrastive_loss(clip, batch["pixel_values"], batch["input_ids"], batch["captions"])
+
+        config = TrainConfig(
+            steps=1000, batch_size=batch_size, lr=2e-3, warmup_steps=100, lr_schedule="cosine", log_every=100
+        )
+        train(
+            loss=loss, modules={"clip": clip}, batches=batches, config=config, out_dir=tmp_path_factory.mktemp("clip")
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return clip.eval(), tok
+
+
+def test_zero_shot_attributes_of_a_fixture_trained_clip(fixture_trained_clip):
+    """Zero-shot accuracy on 500 real held-out images is exact where the fixture's training converges, and at
+    chance on noise. Measured on 1000 held-out images after 1000 steps (model seeds 0 / 1 / 2): background 100% /
+    100% / 100%; colour 99.2 / 99.4 / 99.8% and size 99.4 / 99.6 / 99.7% (the misses are small triangles, ~2 px
+    across at 16 px); position 98.5 / 92.4 / 96.9% (still rising: 28% at 250 steps, 78% at 500, 97% at 750);
+    shape 59 / 59 / 60% (chance 33%; it stays there up to 3000 steps, where colour, position and size reach
+    99.3-99.9%). So only background is asserted exact; colour, size and position get bounds under the
+    measured values, shape only above chance. The shipped CLIP (32 px, shape hard negatives) is tested above."""
+    from eval.metrics import zero_shot_attributes
+
+    clip, tok = fixture_trained_clip
+    batch = data.ShapesDataset(split="heldout", resolution=16).batch(range(500))
+    real = zero_shot_attributes(clip, tok, batch["pixel_values"], batch["attributes"])
+    assert real["background"] == 1.0, real
+    assert real["colour"] >= 0.98 and real["size"] >= 0.98 and real["position"] >= 0.9, real
+    assert real["shape"] >= 0.5, real
+    noise = torch.rand((300, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    at_noise = zero_shot_attributes(clip, tok, noise, batch["attributes"][:300])
+    chance = {"shape": 1 / 3, "colour": 1 / 7, "background": 1 / 7, "position": 1 / 5, "size": 1 / 2}
+    assert all(abs(at_noise[k] - chance[k]) < 0.1 for k in chance), at_noise
+
+
+# ----------------------------------------------------------------------------- CLIP score against torchmetrics
+
+
+def _torchmetrics_clip_scores(clip: LoadedCLIP, pixels: Tensor, prompts: list[str], unwrap: bool) -> Tensor:
+    """torchmetrics' CLIP score of each (image in [0, 255], prompt) pair on our model, through a real
+    ``CLIPProcessor``: our tokenizer, and an image processor that maps [0, 255] to the embedded CLIPs' [-1, 1]
+    ((x / 255 - 0.5) / 0.5, no resize or crop). One pair per call: torchmetrics clamps the batch mean at 0,
+    fewstep each image's score. ``unwrap`` passes on ``pooler_output`` where transformers 5's
+    ``get_*_features`` return a model output instead of the projected features torchmetrics expects."""
+    from torchmetrics.functional.multimodal import clip_score as tm_clip_score
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        do_resize=False, do_center_crop=False, rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=clip.tokenizer)
+    processed = processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+    # both paths feed the vision tower the same pixels, so any difference is in the scoring itself
+    torch.testing.assert_close(processed, clip.pixels(pixels / 127.5 - 1), rtol=0, atol=1e-6)
+
+    class Unwrapped(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, *args, **kwargs):
+            out = self.model.get_image_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+        def get_text_features(self, *args, **kwargs):
+            out = self.model.get_text_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+    model = Unwrapped(clip.model) if unwrap else clip.model
+    with torch.no_grad():
+        return torch.stack([tm_clip_score(p, t, lambda: (model, processor)) for p, t in zip(pixels, prompts)])
+
+
+def _scored_pairs():
+    batch = data.ShapesDataset(split="heldout", resolution=16).batch(range(6))
+    return batch["pixel_values"], batch["captions"][::-1]
+
+
+def test_clip_score_matches_torchmetrics(tiny_clip):
+    """fewstep's CLIP score equals torchmetrics' on the same tiny CLIP wherever the installed versions agree."""
+    import torchmetrics
+    import transformers
+
+    images, prompts = _scored_pairs()
+    try:
+        theirs = _torchmetrics_clip_scores(tiny_clip, (images + 1) * 127.5, prompts, unwrap=False)
+    except AttributeError as e:
+        if "'BaseModelOutputWithPooling' object has no attribute 'norm'" not in str(e):
+            raise
+        pytest.skip(f"torchmetrics {torchmetrics.__version__} with transformers {transformers.__version__}: {e}")
+    torch.testing.assert_close(theirs, clip_score(tiny_clip, images, prompts), rtol=0, atol=1e-4)
+
+
+def test_clip_score_matches_torchmetrics_maths_with_the_features_unwrapped(tiny_clip):
+    """The same comparison where only transformers 5's return type is bridged (the projected features are its
+    ``pooler_output``): torchmetrics' processor, normalisation and scaling against fewstep's."""
+    images, prompts = _scored_pairs()
+    theirs = _torchmetrics_clip_scores(tiny_clip, (images + 1) * 127.5, prompts, unwrap=True)
+    ours = clip_score(tiny_clip, images, prompts)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert ours.std() > 1  # distinct scores, not one value compared six times

@@ -12,44 +12,17 @@ from baselines import models
 from baselines.errors import ConfigError
 from eval import sweep as S
 from tests.conftest import ROOT, run_cli
+from tests.tiny_sweep import save_tiny_models, sweep_fields
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny CFG teacher, a tiny guidance-conditioned student (time_cond_proj_dim) and a tiny CLIP."""
-    root = tmp_path_factory.mktemp("models")
-    teacher = models.build_pipeline("tiny", seed=0)
-    models.save_pipeline(teacher, root / "teacher", {"method": "teacher", "recommended": {"guidance_scale": 2.0}})
-    student = models.build_pipeline("tiny", seed=1)
-    preset = models.get_preset("tiny")
-    torch.manual_seed(1)
-    student.unet = models.build_unet(preset, latent_channels=4, cross_attention_dim=16, time_cond_proj_dim=8)
-    info = {"method": "guidance", "steps": 2, "recommended": {"num_inference_steps": 2, "guidance_scale": 2.0}}
-    models.save_pipeline(student, root / "student", info)
-    torch.manual_seed(2)
-    tok = models.build_tokenizer()
-    models.save_clip(models.build_clip(preset, tok), tok, root / "clip")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def sweep_config(root, run, **kw) -> S.SweepStage:
-    return S.SweepStage(
-        models=[
-            {"name": "teacher", "path": str(root / "teacher"), "guidance_scales": [1.5, 3.0]},
-            {"name": "student", "path": str(root / "student"), "steps": [1, 2]},
-        ],
-        steps=[1, 2],
-        guidance_scales=[2.0],
-        n_images=6,
-        reference_images=24,
-        extractors=[f"clip:{root / 'clip'}"],
-        clip=str(root / "clip"),
-        bootstrap=5,
-        batch_size=6,
-        grid_images=4,
-        cache_dir=str(run / "cache"),
-        **kw,
-    )
+    return S.SweepStage(**{**sweep_fields(root, run), **kw})
 
 
 def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
@@ -149,3 +122,28 @@ def test_reference_cache_is_keyed_by_the_extractor_itself(tmp_path):
     assert calls.count(6) == 1
     b = S.reference_features(cfg, "feat", make(1.0), 16)  # same name, different features
     assert np.allclose(b, a + 1) and calls.count(6) == 2
+
+
+def test_two_clip_extractors_keep_distinct_metric_keys(tiny_models, tmp_path):
+    """Two ``clip:`` extractors in one sweep: each gets its own FD / KID keys (folder name in brackets), each
+    equal to the plain 'FD-clip' of a sweep with that extractor alone, and the report shows both."""
+    from eval.report import render_report
+
+    torch.manual_seed(3)
+    tok = models.build_tokenizer()
+    other = models.save_clip(models.build_clip(models.get_preset("tiny"), tok), tok, tmp_path / "clip2")
+    one_cell = {"models": [{"name": "student", "path": str(tiny_models / "student"), "steps": [1]}]}
+    fields = {**one_cell, "metrics": ["fd", "kid"], "grid_images": 0}
+    both = [f"clip:{tiny_models / 'clip'}", f"clip:{other}"]
+    (row,) = S.run_sweep(sweep_config(tiny_models, tmp_path, extractors=both, **fields), tmp_path / "both")
+    keys = {"FD-clip(clip)", "FD-clip(clip2)", "KID-clip(clip)", "KID-clip(clip2)"}
+    assert keys <= set(row) and not {"FD-clip", "KID-clip"} & set(row), sorted(row)
+    assert row["FD-clip(clip)"] != row["FD-clip(clip2)"]
+    for extractor, name in zip(both, ("clip", "clip2")):
+        (alone,) = S.run_sweep(sweep_config(tiny_models, tmp_path, extractors=[extractor], **fields), tmp_path / name)
+        assert alone["FD-clip"] == pytest.approx(row[f"FD-clip({name})"], rel=1e-9)
+        assert alone["KID-clip"] == pytest.approx(row[f"KID-clip({name})"], rel=1e-9)
+    text = render_report([tmp_path / "both"], [], tmp_path / "report").read_text()
+    for name in ("clip", "clip2"):
+        assert f"### FD-clip({name})" in text and f"### KID-clip({name})" in text
+        assert (tmp_path / "report" / f"both_FD-clip({name})_vs_nfe.png").is_file()
