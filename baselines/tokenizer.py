@@ -55,14 +55,16 @@ def build_clip_tokenizer(corpus: list[str] | None = None, model_max_length: int 
     bpe.train_from_iterator(corpus, trainer)
     trained = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    # The trainer breaks ties between equally frequent pairs differently from process to process, so
+    # ids follow a fixed order instead of the merge order: bytes, bytes</w>, BOS/EOS, the corpus's
+    # whole words sorted, then the (build-dependent) intermediate pieces sorted. Every caption word,
+    # byte and special token gets the same id in every build (and on every rank of a DDP run).
+    words = {
+        w + "</w>" for text in corpus for w, _ in bpe.pre_tokenizer.pre_tokenize_str(bpe.normalizer.normalize_str(text))
+    }
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab_list = symbols + [s + "</w>" for s in symbols]
-    seen = set(vocab_list)
-    for merge in merges:
-        token = "".join(merge)
-        if token not in seen:
-            vocab_list.append(token)
-            seen.add(token)
-    vocab_list += [BOS, EOS]
+    base = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
+    merged = {"".join(m) for m in merges} - set(base)
+    vocab_list = base + sorted(merged & words) + sorted(merged - words)
     vocab = {token: i for i, token in enumerate(vocab_list)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

@@ -40,3 +40,26 @@ def test_clip_text_config_uses_the_tokenizer_ids():
     )
     assert text.eos_token_id != 2  # 2 would switch transformers to legacy argmax pooling
     assert text.max_position_embeddings == tok.model_max_length
+
+
+def test_caption_word_ids_are_the_same_in_every_process():
+    """The BPE trainer breaks frequency ties differently per process (seen: 'top' was id 540 in one
+    process and 541 in another); every caption word, byte and special token must not move."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from baselines.tokenizer import build_clip_tokenizer, caption_corpus\n"
+        "words = {w + '</w>' for c in caption_corpus() for w in c.replace(',', ' ,').split()}\n"
+        "v = build_clip_tokenizer().get_vocab()\n"
+        "print(json.dumps({k: i for k, i in v.items() if k in words or len(k) == 1 or k.startswith('<|')}))"
+    )
+    from conftest import ROOT
+
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True).stdout)
+        for _ in range(4)
+    ]
+    assert all(r == runs[0] for r in runs[1:])
+    assert runs[0]["top</w>"] == build_clip_tokenizer().get_vocab()["top</w>"]
