@@ -195,17 +195,17 @@ def test_fd_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
 
 
 def test_zero_shot_attributes_real_images_vs_noise():
-    """The shipped evaluator CLIP (not a fixture-trained one: too slow here) is near-exact on real held-out
-    images for colour, background, position and size (>= 98.6% on 1000; shape 89.4%, see BENCHMARKS.md)
-    and at chance on noise."""
+    """The shipped evaluator CLIP, trained to convergence by configs/teacher-shapes.yaml (99.9% shape,
+    99.8-100% on the rest over 1000 held-out images, BENCHMARKS.md), gets at least 99 of the first 100
+    held-out images right for every attribute (one shape and one position miss there) and is at chance
+    on noise."""
     from baselines.models import load_clip
     from eval.metrics import zero_shot_attributes
 
     clip, tok = load_clip("shapes")
     batch = data.ShapesDataset(split="heldout").batch(range(100))
     real = zero_shot_attributes(clip, tok, batch["pixel_values"], batch["attributes"])
-    assert all(real[k] >= 0.95 for k in ("colour", "background", "position", "size")), real
-    assert real["shape"] > 0.8, real
+    assert all(v >= 0.99 for v in real.values()) and sum(real.values()) >= 4.98, real
     noise = torch.rand(batch["pixel_values"].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     at_noise = zero_shot_attributes(clip, tok, noise, batch["attributes"])
     chance = {"shape": 1 / 3, "colour": 1 / 7, "background": 1 / 7, "position": 1 / 5, "size": 1 / 2}
