@@ -223,7 +223,7 @@ def attribute_section(folder: Path, out: Path) -> list[str]:
         cells = " | ".join(
             f"{r['accuracy'][k]:.2f} [{r['interval'][k][0]:.2f}, {r['interval'][k][1]:.2f}]" for k in keys
         )
-        lines.append(f"| {r['name']} | {r['prompt_example']} | {r['n_images']} | {r['steps']} | {cells} |")
+        lines.append(f"| {r['name']} | `{r['prompt_example']}` | {r['n_images']} | {r['steps']} | {cells} |")
     lines.append("")
     for r in rows:
         grid = folder / r["grid"]

@@ -90,5 +90,5 @@ def test_report_renders_the_attribute_table_and_grids(tiny, tmp_path):
     (row,) = A.run_attribute_eval(cfg, tmp_path / "run" / "personalisation")
     text = report_run_dir(tmp_path / "run").read_text()
     assert "## Attributes of generated images `personalisation`" in text
-    assert f"| teacher triangles | {row['prompt_example']} | 4 | 2 |" in text
+    assert f"| teacher triangles | `{row['prompt_example']}` | 4 | 2 |" in text  # code span: <tokens> survive
     assert (tmp_path / "run" / "report" / f"personalisation_{row['grid']}").is_file()
