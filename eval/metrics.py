@@ -185,9 +185,9 @@ def metric_name(extractor: str, extractors: Sequence[str] = ()) -> str:
     """'FID' on Inception features, otherwise 'FD-<features>'; when ``extractors`` (all of a sweep's) holds
     another extractor of the same kind, an extractor with an argument is told apart by its folder name,
     'FD-clip(<folder>)' (by the whole argument if two folders share a name)."""
-    if extractor == "inception":
-        return "FID"
     kind, _, arg = extractor.partition(":")
+    if kind == "inception":
+        return "FID"
     others = [e.partition(":")[2] for e in dict.fromkeys(extractors) if e != extractor and e.partition(":")[0] == kind]
     if not arg or not others:
         return f"FD-{kind}"

@@ -49,7 +49,7 @@ def test_frechet_distance_of_identical_sets_is_zero():
 
 
 def test_metric_is_named_after_its_features():
-    assert metric_name("inception") == "FID"
+    assert metric_name("inception") == "FID" and metric_name("inception:/weights/pt_inception.pth") == "FID"
     assert metric_name("embedded") == "FD-embedded"
     assert metric_name("clip:/some/folder") == "FD-clip"
 
