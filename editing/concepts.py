@@ -12,8 +12,6 @@ from torch import Tensor
 from baselines import data
 from baselines.errors import ConfigError, FewstepError
 
-CONCEPT_KEYS = data.NOUN_PHRASE
-
 
 @dataclass
 class ConceptSource:
@@ -52,9 +50,9 @@ def concept_images(source: ConceptSource, resolution: int, limit: int = 1_000_00
         if "{}" not in source.template:
             raise ConfigError(f"template {source.template!r} needs a {{}} where the token goes")
         return ConceptImages(torch.stack([data.load_image(p, resolution) for p in files]), None)
-    bad = sorted(set(source.concept) - set(CONCEPT_KEYS))
+    bad = sorted(set(source.concept) - set(data.NOUN_PHRASE))
     if bad or not source.concept:
-        raise ConfigError(f"concept must set some of {list(CONCEPT_KEYS)}, got {dict(source.concept)}")
+        raise ConfigError(f"concept must set some of {list(data.NOUN_PHRASE)}, got {dict(source.concept)}")
     for key, value in source.concept.items():
         if value not in data.attribute_values(key):
             raise ConfigError(f"concept.{key}: {value!r} is not one of {data.attribute_values(key)}")

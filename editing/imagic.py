@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -176,6 +177,19 @@ class ImagicStage:
     )
 
 
+@dataclass
+class StageC:
+    """A model stage C samples with: the fine-tuned one, or a student given its weight change."""
+
+    pipe: Any
+    model: str
+    steps: int
+    guidance_scale: float
+    info: dict  # fewstep.json of the saved model
+    suffix: str = ""  # names its grid, edits and model folder apart
+    extra: dict = field(default_factory=dict)  # added to its edits.jsonl rows
+
+
 def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
     """Stages A, B, C for every input (C also on ``cfg.student``); writes e_tgt/e_opt safetensors,
     the fine-tuned pipeline folders, the edited images, grids over eta and ``edits.jsonl``."""
@@ -186,11 +200,12 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
     info = models.read_info(cfg.model)
     steps, scale, _ = resolve_defaults(parent, info, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim")
     student = _load_student(cfg) if cfg.student else None
+    # every input starts from the same weights: the model's, as loaded
+    base = {n: v.clone() for n, v in parent.unet.state_dict().items()} if student else None
     inputs = resolve_inputs(cfg.source, model_resolution(parent))
     rows = []
     for k, item in enumerate(inputs):
         pipe = parent if k == 0 else models.load_pipeline(cfg.model)
-        base = {n: v.clone() for n, v in pipe.unet.state_dict().items()} if student else None
         folder = out / item.name
         latents = encode_image(pipe.vae, item.pixels[None])
         e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [item.prompt])
@@ -227,7 +242,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
             "recommended": info.get("recommended", {}),
             "config": asdict(cfg),
         }
-        runs = [(pipe, str(cfg.model), steps, scale, "", model_info, {})]
+        runs = [StageC(pipe, str(cfg.model), steps, scale, model_info)]
         if student is not None:
             s_pipe, s_info, s_steps, s_scale, s_base = student
             s_pipe.unet.load_state_dict(s_base)
@@ -235,31 +250,37 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
             transfer = {"weight_change_from": str(cfg.model), "delta_scale": cfg.student_delta_scale}
             recommended = s_info.get("recommended", {})
             s_model_info = {**model_info, **transfer, "parent": str(cfg.student), "recommended": recommended}
-            runs.append((s_pipe, str(cfg.student), s_steps, s_scale, "_student", s_model_info, transfer))
-        for run_pipe, name, run_steps, run_scale, suffix, run_info, extra in runs:
+            runs.append(StageC(s_pipe, str(cfg.student), s_steps, s_scale, s_model_info, "_student", transfer))
+        for run in runs:
             if cfg.save_models:
-                models.save_pipeline(run_pipe, folder / f"model{suffix}", run_info)
+                models.save_pipeline(run.pipe, folder / f"model{run.suffix}", run.info)
             with Timer() as sample:
                 images = sample_etas(
-                    run_pipe, e_tgt, e_opt, cfg.etas, steps=run_steps, guidance_scale=run_scale, seed=cfg.seed + k
+                    run.pipe,
+                    e_tgt,
+                    e_opt,
+                    cfg.etas,
+                    steps=run.steps,
+                    guidance_scale=run.guidance_scale,
+                    seed=cfg.seed + k,
                 )
-            save_strip(torch.cat([item.pixels[None], images]), folder / f"grid_eta{suffix}.png")
-            nfe = edit_nfe(run_pipe, steps=run_steps, strength=1.0, guidance_scale=run_scale)
+            save_strip(torch.cat([item.pixels[None], images]), folder / f"grid_eta{run.suffix}.png")
+            nfe = edit_nfe(run.pipe, steps=run.steps, strength=1.0, guidance_scale=run.guidance_scale)
             for eta, image in zip(cfg.etas, images):
-                path = save_image(image, out / "edits" / f"{item.name}{suffix}_eta{eta:g}.png")
+                path = save_image(image, out / "edits" / f"{item.name}{run.suffix}_eta{eta:g}.png")
                 row = edit_row(
                     method="imagic",
-                    model=name,
+                    model=run.model,
                     item=item,
                     input_path=input_path,
                     output_path=path,
                     mask_path=None,
                     param={"eta": eta},
-                    steps=run_steps,
+                    steps=run.steps,
                     nfe=nfe,
                     seconds=sample.seconds / len(cfg.etas),
                 )
-                rows.append({**row, "fit_seconds": round(fit.seconds, 2), **extra})
+                rows.append({**row, "fit_seconds": round(fit.seconds, 2), **run.extra})
     if is_main_process():
         write_rows(out, rows)
     return rows
