@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
@@ -73,7 +74,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "shapes": Preset(
         resolution=32,
-        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32),
+        vae=dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=8, norm_num_groups=32),
         clip_text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
         clip_vision=dict(
             hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, patch_size=4
@@ -130,6 +131,13 @@ def build_clip(preset: Preset, tokenizer: CLIPTokenizer) -> CLIPModel:
     vision = dict(preset.clip_vision, image_size=preset.resolution, projection_dim=preset.projection_dim)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=preset.projection_dim)
     return CLIPModel(config)
+
+
+def clip_embeds(clip: CLIPModel, *, pixel_values=None, input_ids=None) -> torch.Tensor:
+    """Unit-norm projected CLIP embeddings of images or of token ids."""
+    if pixel_values is not None:
+        return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
+    return F.normalize(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output), dim=-1)
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:

@@ -47,6 +47,8 @@ class TrainCLIPStage:
     preset: str = "shapes"
     dataset: str = "shapes"
     seed: int = 0
+    hard_negatives: list[str] = field(default_factory=list)  # attributes to contrast captions on, e.g. [shape]
+    hard_negative_weight: float = 1.0
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100)
     )
@@ -141,15 +143,19 @@ def _final_loss(train_dir: Path) -> float | None:
     return rows[-1]["loss"] if rows else None
 
 
-def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: list[str], *, with_output=False):
-    """Symmetric InfoNCE (Radford et al. 2021) where every pair with the same caption counts as a
-    positive (captions repeat within a batch on a compositional dataset); ``with_output`` also
-    returns the CLIP forward's output."""
-    out = clip(input_ids=input_ids, pixel_values=pixel_values)
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=pixel_values.device)
+def contrastive_loss(image_embeds, text_embeds, logit_scale, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021) on unit-norm embeddings, where every pair with the
+    same caption counts as a positive (captions repeat within a batch on a compositional dataset)."""
+    logits = logit_scale.exp() * image_embeds @ text_embeds.T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=logits.device)
     targets = same / same.sum(1, keepdim=True)
-    value = 0.5 * (F.cross_entropy(out.logits_per_image, targets) + F.cross_entropy(out.logits_per_text, targets))
-    return (value, out) if with_output else value
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: list[str]) -> torch.Tensor:
+    """:func:`contrastive_loss` of a CLIP on a batch of images and their tokenised captions."""
+    image = models.clip_embeds(clip, pixel_values=pixel_values)
+    return contrastive_loss(image, models.clip_embeds(clip, input_ids=input_ids), clip.logit_scale, captions)
 
 
 @dataclass
@@ -168,19 +174,41 @@ class FinetuneCLIPStage:
     )
 
 
-def hard_negative_loss(clip: CLIPModel, tokenizer, image_embeds, attributes: list[dict], key: str) -> torch.Tensor:
-    """NegCLIP-style hard negatives (Yuksekgonul et al. 2023): each image's caption against the same
-    caption with attribute ``key`` changed to every other value; cross-entropy on the true one."""
+def attribute_variants(attributes: list[dict], key: str) -> tuple[list[str], list[int]]:
+    """Each image's caption with attribute ``key`` set to every value it can take (K per image, in
+    a fixed order), and the index of the true caption among its K."""
     candidates, targets = [], []
     for a in attributes:
         values = data.attribute_values(key, a)
         candidates += [data.caption({**a, key: v}) for v in values]
         targets.append(values.index(a[key]))
-    ids = tokenize(tokenizer, candidates).to(image_embeds.device)
-    text = F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output), dim=-1)
-    text = text.view(len(attributes), -1, text.shape[-1])
-    logits = clip.logit_scale.exp() * torch.einsum("bd,bkd->bk", image_embeds, text)
+    return candidates, targets
+
+
+def hard_negative_loss(image_embeds, candidate_embeds, logit_scale, targets: list[int]) -> torch.Tensor:
+    """NegCLIP-style hard negatives (Yuksekgonul et al. 2023): cross-entropy of each image
+    (B x D) against its K candidate captions (B x K x D), the true one at ``targets``."""
+    logits = logit_scale.exp() * torch.einsum("bd,bkd->bk", image_embeds, candidate_embeds)
     return F.cross_entropy(logits, torch.tensor(targets, device=logits.device))
+
+
+def clip_training_loss(
+    clip: CLIPModel, tokenizer, batch: dict, *, hard_negatives=(), hard_negative_weight: float = 1.0
+) -> torch.Tensor:
+    """The train_clip / finetune_clip loss on a batch (pixel_values, captions, attributes): InfoNCE
+    plus the mean hard-negative term of each attribute in ``hard_negatives``."""
+    image = models.clip_embeds(clip, pixel_values=batch["pixel_values"].to(clip.device))
+    text, terms = None, []
+    for key in hard_negatives:  # the true captions are among the candidates: encode each once
+        candidates, targets = attribute_variants(batch["attributes"], key)
+        embeds = models.clip_embeds(clip, input_ids=tokenize(tokenizer, candidates).to(clip.device))
+        embeds = embeds.view(len(targets), -1, image.shape[-1])
+        terms.append(hard_negative_loss(image, embeds, clip.logit_scale, targets))
+        text = embeds[torch.arange(len(targets)), torch.tensor(targets)] if text is None else text
+    if text is None:
+        text = models.clip_embeds(clip, input_ids=tokenize(tokenizer, batch["captions"]).to(clip.device))
+    value = contrastive_loss(image, text, clip.logit_scale, batch["captions"])
+    return value + hard_negative_weight * sum(terms) / len(terms) if terms else value
 
 
 def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
@@ -190,7 +218,7 @@ def run_train_clip(cfg: TrainCLIPStage, out: Path, accelerator=None) -> None:
     tokenizer = models.build_tokenizer()
     clip = models.build_clip(preset, tokenizer)
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
-    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "train_clip")
+    _fit_clip(clip, tokenizer, dataset, cfg, out, accelerator, "train_clip")
 
 
 def run_finetune_clip(cfg: FinetuneCLIPStage, out: Path, accelerator=None) -> None:
@@ -198,36 +226,34 @@ def run_finetune_clip(cfg: FinetuneCLIPStage, out: Path, accelerator=None) -> No
     clip, tokenizer = models.load_clip(cfg.clip)
     clip.requires_grad_(True)
     dataset = data.make_dataset(cfg.dataset, resolution=clip.config.vision_config.image_size, seed=cfg.seed)
-    unknown = set(cfg.hard_negatives) - set(data.ATTRIBUTES)
-    if unknown:
-        raise ConfigError(f"hard_negatives: unknown attribute {sorted(unknown)[0]!r}; choose from {data.ATTRIBUTES}")
-
-    def extra(batch, out):
-        image_embeds = F.normalize(out.image_embeds, dim=-1)
-        terms = [hard_negative_loss(clip, tokenizer, image_embeds, batch["attributes"], k) for k in cfg.hard_negatives]
-        return cfg.hard_negative_weight * sum(terms) / len(terms) if terms else 0.0
-
-    _fit_clip(clip, tokenizer, dataset, cfg.train, out, accelerator, "finetune_clip", extra=extra)
+    _fit_clip(clip, tokenizer, dataset, cfg, out, accelerator, "finetune_clip")
 
 
 def _fit_clip(
-    clip, tokenizer, dataset, train_config: TrainConfig, out: Path, accelerator, desc: str, extra=None
+    clip, tokenizer, dataset, cfg: TrainCLIPStage | FinetuneCLIPStage, out: Path, accelerator, desc: str
 ) -> None:
-    """Contrastive training of ``clip`` on the one loop (plus ``extra(batch, clip_output)`` loss
-    terms); saves ``<out>/model``."""
+    """Contrastive training of ``clip`` on the one loop, plus the hard-negative terms of
+    ``cfg.hard_negatives``; saves ``<out>/model``."""
+    unknown = set(cfg.hard_negatives) - set(data.ATTRIBUTES)
+    if unknown:
+        raise ConfigError(f"hard_negatives: unknown attribute {sorted(unknown)[0]!r}; choose from {data.ATTRIBUTES}")
+    if cfg.hard_negatives and cfg.dataset != "shapes":
+        raise ConfigError("hard_negatives need a dataset with known attributes (shapes); set hard_negatives: []")
 
     def loss(batch, generator):
-        ids = tokenize(tokenizer, batch["captions"])
-        value, output = clip_contrastive_loss(
-            clip, batch["pixel_values"].to(clip.device), ids.to(clip.device), batch["captions"], with_output=True
+        return clip_training_loss(
+            clip,
+            tokenizer,
+            batch,
+            hard_negatives=cfg.hard_negatives,
+            hard_negative_weight=cfg.hard_negative_weight,
         )
-        return value + extra(batch, output) if extra else value
 
     train(
         loss=loss,
         modules={"clip": clip},
-        batches=_fixed_batches(dataset, train_config.batch_size),
-        config=train_config,
+        batches=_fixed_batches(dataset, cfg.train.batch_size),
+        config=cfg.train,
         out_dir=out / "train",
         accelerator=accelerator,
         desc=desc,
@@ -283,14 +309,18 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     n = len(cache["captions"])
     batch_size = cfg.train.batch_size
 
+    # the text encoder is frozen: encode each distinct caption once (1680 for shapes)
+    distinct = sorted(set(cache["captions"]))
+    with torch.no_grad():
+        states = torch.cat(
+            [encode_text(tokenizer, text_encoder, distinct[k : k + 256]) for k in range(0, len(distinct), 256)]
+        )
+    position = {c: k for k, c in enumerate(distinct)}
+    caption_index = torch.tensor([position[c] for c in cache["captions"]])
+
     def batches(i: int) -> dict:
         idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
-        captions = [cache["captions"][j] for j in idx.tolist()]
-        return {
-            "mean": cache["mean"][idx],
-            "std": cache["std"][idx],
-            "text": encode_text(tokenizer, text_encoder, captions),
-        }
+        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": states[caption_index[idx]]}
 
     def loss(batch, generator):
         mean, std = batch["mean"], batch["std"]

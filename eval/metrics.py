@@ -53,12 +53,12 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 def clip_image_embeds(clip, images: Tensor) -> Tensor:
     """Unit-norm projected CLIP image embeddings (independent of the transformers version's
     ``get_image_features`` return type)."""
-    return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=images).pooler_output), dim=-1)
+    return models.clip_embeds(clip, pixel_values=images)
 
 
 def clip_text_embeds(clip, input_ids: Tensor) -> Tensor:
     """Unit-norm projected CLIP text embeddings."""
-    return F.normalize(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output), dim=-1)
+    return models.clip_embeds(clip, input_ids=input_ids)
 
 
 def _gaussian_kernel(sigma: float) -> Tensor:

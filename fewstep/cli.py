@@ -212,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit non-zero (2 for a bad config)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep library chatter off the one-line errors
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    args = parser().parse_args(argv)
+    cli = parser()
+    args, extra = cli.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options: run CONFIG --dry-run a.b=1
+        if getattr(args, "overrides", None) is None or any(e.startswith("-") or "=" not in e for e in extra):
+            cli.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         args.func(args)
     except ConfigError as e:

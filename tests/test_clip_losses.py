@@ -1,0 +1,52 @@
+"""Exact tests of the CLIP training losses (contrastive + NegCLIP-style hard negatives)."""
+
+import torch
+import torch.nn.functional as F
+
+from baselines import data
+from baselines.guidance import tokenize
+from baselines.models import build_clip, build_tokenizer, clip_embeds, get_preset
+from baselines.teacher import attribute_variants, clip_contrastive_loss, hard_negative_loss
+
+
+def _tiny_clip():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    return build_clip(get_preset("tiny"), tok).eval(), tok
+
+
+def test_contrastive_loss_is_infonce_on_the_clip_forwards_logits():
+    clip, tok = _tiny_clip()
+    batch = data.ShapesDataset(split="heldout", resolution=16).batch(range(6))
+    captions = batch["captions"][:5] + batch["captions"][:1]  # a repeated caption: two positives in a row
+    ids = tokenize(tok, captions)
+    with torch.no_grad():
+        ours = clip_contrastive_loss(clip, batch["pixel_values"], ids, captions)
+        logits = clip(input_ids=ids, pixel_values=batch["pixel_values"]).logits_per_image
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    targets = same / same.sum(1, keepdim=True)
+    expected = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attribute_variants_hold_the_true_caption_at_the_target():
+    attrs = data.ShapesDataset(split="heldout").batch(range(4))["attributes"]
+    for key, k in [("shape", len(data.SHAPES)), ("position", len(data.POSITIONS)), ("colour", len(data.COLOURS) - 1)]:
+        candidates, targets = attribute_variants(attrs, key)
+        assert len(candidates) == k * len(attrs)
+        for i, (a, t) in enumerate(zip(attrs, targets)):
+            group = candidates[i * k : (i + 1) * k]
+            assert group[t] == data.caption(a) and len(set(group)) == k
+
+
+def test_hard_negative_loss_is_cross_entropy_over_each_images_candidates():
+    clip, tok = _tiny_clip()
+    batch = data.ShapesDataset(split="heldout", resolution=16).batch(range(3))
+    candidates, targets = attribute_variants(batch["attributes"], "shape")
+    with torch.no_grad():
+        image = clip_embeds(clip, pixel_values=batch["pixel_values"])
+        text = clip_embeds(clip, input_ids=tokenize(tok, candidates)).view(3, len(data.SHAPES), -1)
+        ours = hard_negative_loss(image, text, clip.logit_scale, targets)
+        scale = clip.logit_scale.exp()
+    expected = sum(-torch.log_softmax(scale * text[i] @ image[i], dim=0)[targets[i]] for i in range(3)) / 3
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
