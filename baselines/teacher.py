@@ -160,8 +160,8 @@ def clip_contrastive_loss(clip: CLIPModel, pixel_values, input_ids, captions: li
 
 @dataclass
 class FinetuneCLIPStage:
-    """Continue training a CLIP contrastively, on a fresh data stream (``seed``): the embedded
-    evaluator CLIP is the teacher's CLIP trained further, so the teacher keeps its text encoder."""
+    """Continue training a CLIP contrastively, on a fresh data stream (``seed``), optionally with
+    hard negatives (e.g. to sharpen an evaluator CLIP without touching the teacher's text encoder)."""
 
     kind: str = "finetune_clip"
     clip: str = "???"
