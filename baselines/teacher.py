@@ -309,12 +309,11 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     n = len(cache["captions"])
     batch_size = cfg.train.batch_size
 
-    # the text encoder is frozen: encode each distinct caption once (1680 for shapes)
+    # the text encoder is frozen: encode each distinct caption once (1680 for shapes), 256 at a time
     distinct = sorted(set(cache["captions"]))
-    with torch.no_grad():
-        states = torch.cat(
-            [encode_text(tokenizer, text_encoder, distinct[k : k + 256]) for k in range(0, len(distinct), 256)]
-        )
+    states = torch.cat(
+        [encode_text(tokenizer, text_encoder, distinct[k : k + 256]) for k in range(0, len(distinct), 256)]
+    )
     position = {c: k for k, c in enumerate(distinct)}
     caption_index = torch.tensor([position[c] for c in cache["captions"]])
 
