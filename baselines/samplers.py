@@ -8,6 +8,7 @@ so image i is the same whatever the batch size (EDM's per-sample seeding).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from baselines import diffusion, models
 from baselines.data import to_uint8
 from baselines.errors import FewstepError
-from baselines.guidance import is_guidance_conditioned
+from baselines.guidance import encode_text, is_guidance_conditioned
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -81,6 +82,21 @@ def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: flo
 
 
 @torch.no_grad()
+def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """The pipeline's text states for ``prompts``, each distinct prompt encoded once.
+
+    The same states ``pipe.encode_prompt`` computes (textual-inversion prompts converted first), without
+    re-encoding repeats: the empty negative prompt of a CFG batch, or one prompt sampled under many seeds.
+    """
+    if hasattr(pipe, "maybe_convert_prompt"):
+        prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
+    distinct = list(dict.fromkeys(prompts))
+    states = encode_text(pipe.tokenizer, pipe.text_encoder, distinct)
+    position = {p: i for i, p in enumerate(distinct)}
+    return states[torch.tensor([position[p] for p in prompts])]
+
+
+@torch.no_grad()
 def generate(
     pipe,
     prompts: list[str],
@@ -105,14 +121,15 @@ def generate(
         if isinstance(negative_prompt, str) or negative_prompt is None
         else negative_prompt
     )
+    cfg = guidance_scale > 1 and not is_guidance_conditioned(pipe.unet)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
         stop = min(len(prompts), start + batch_size)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:stop]]
-        neg = negatives[start:stop]
+        neg = [n or "" for n in negatives[start:stop]]
         out = pipe(
-            prompts[start:stop],
-            negative_prompt=None if all(n is None for n in neg) else [n or "" for n in neg],
+            prompt_embeds=prompt_states(pipe, prompts[start:stop]),
+            negative_prompt_embeds=prompt_states(pipe, neg) if cfg else None,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
@@ -148,6 +165,10 @@ def sample_to_folder(
     steps, scale, sampler = resolve_defaults(
         pipe, models.read_info(model), steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler
     )
+    for text in (prompt, negative_prompt or ""):
+        length, limit = len(pipe.tokenizer(text).input_ids), pipe.tokenizer.model_max_length
+        if length > limit:
+            warnings.warn(f"{text!r} is {length} tokens; the text encoder reads the first {limit}", stacklevel=2)
     seeds = [seed + i for i in range(num_images)]
     images = generate(
         pipe,

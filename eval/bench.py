@@ -5,8 +5,8 @@ The raw cost is the bare ``unet(latents, t, encoder_hidden_states)`` forward on 
 feeds it (doubled under classifier-free guidance; with the guidance embedding for a w-conditioned
 student) times the number of U-Net calls, plus ``vae.decode`` of the batch. Everything else the
 pipeline does (text encoding, scheduler maths, latent preparation, post-processing) is overhead. The
-prompt encoding (``pipe.encode_prompt`` of the batch, with the negative prompt under CFG) is timed too,
-so the table also shows what remains of the overhead beyond it.
+prompt encoding (``prompt_states`` of the batch as ``generate`` does it, with the empty negative prompt
+under CFG) is timed too, so the table also shows what remains of the overhead beyond it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from baselines import data, models
 from baselines.errors import FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import generate, resolve_defaults, unet_evaluations
+from baselines.samplers import generate, prompt_states, resolve_defaults, unet_evaluations
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -38,13 +38,13 @@ def _best_seconds(fn, repeats: int) -> float:
 @torch.no_grad()
 def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float, float]:
     """Seconds of (one bare U-Net forward on the pipeline's batch, one VAE decode of the batch, the
-    batch's prompt encoding as the pipeline does it)."""
+    batch's prompt encoding as ``generate`` does it)."""
     conditioned = is_guidance_conditioned(pipe.unet)
     cfg = guidance_scale > 1 and not conditioned
-    encode = lambda: pipe.encode_prompt(prompts, "cpu", 1, cfg)  # noqa: E731
-    cond, uncond = encode()
+    negatives = [""] * len(prompts)
+    encode = lambda: [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]  # noqa: E731
+    states = torch.cat(encode())
     text = _best_seconds(encode, repeats)
-    states = torch.cat([uncond, cond]) if cfg else cond
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     latents = torch.randn((len(states), pipe.unet.config.in_channels, size, size), generator=g)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from baselines import data
 from baselines.guidance import tokenize
 from baselines.models import build_clip, build_tokenizer, clip_embeds, get_preset
-from baselines.teacher import attribute_variants, clip_contrastive_loss, hard_negative_loss
+from baselines.teacher import attribute_variants, clip_contrastive_loss, clip_training_loss, hard_negative_loss
 
 
 def _tiny_clip():
@@ -50,3 +50,28 @@ def test_hard_negative_loss_is_cross_entropy_over_each_images_candidates():
         scale = clip.logit_scale.exp()
     expected = sum(-torch.log_softmax(scale * text[i] @ image[i], dim=0)[targets[i]] for i in range(3)) / 3
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_training_loss_is_infonce_plus_the_mean_hard_negative_term():
+    """The whole train_clip loss against an independent computation from the CLIP forward's logits:
+    InfoNCE over the batch captions + weight x mean over attributes of each image's cross-entropy
+    against its own caption with that attribute swapped through every value."""
+    clip, tok = _tiny_clip()
+    batch = data.ShapesDataset(split="heldout", resolution=16).batch(range(4))
+    keys, weight = ["shape", "position"], 0.7
+    with torch.no_grad():
+        ours = clip_training_loss(clip, tok, batch, hard_negatives=keys, hard_negative_weight=weight)
+        ids = tokenize(tok, batch["captions"])
+        logits = clip(input_ids=ids, pixel_values=batch["pixel_values"]).logits_per_image
+        infonce = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4)))
+        terms = []
+        for key in keys:
+            per_image = []
+            for i, a in enumerate(batch["attributes"]):
+                values = data.attribute_values(key, a)
+                captions = [data.caption({**a, key: v}) for v in values]
+                row = clip(input_ids=tokenize(tok, captions), pixel_values=batch["pixel_values"][i : i + 1])
+                per_image.append(F.cross_entropy(row.logits_per_image, torch.tensor([values.index(a[key])])))
+            terms.append(sum(per_image) / len(per_image))
+    assert len(set(batch["captions"])) == 4  # distinct captions: plain InfoNCE targets
+    torch.testing.assert_close(ours, infonce + weight * sum(terms) / len(terms), rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 import torch
 
-from baselines.samplers import SAMPLERS, generate, save_png, unet_evaluations
+from baselines.samplers import SAMPLERS, generate, prompt_states, save_png, unet_evaluations
 
 PROMPTS = ["a small red circle on a blue background, top left", "a large white square on a black background, center"]
 
@@ -44,3 +44,32 @@ def test_unet_evaluations_count_cfg_and_heun():
     assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=1.0) == 4
     assert unet_evaluations(sampler="heun", steps=10, guidance_scale=1.0) == 19
     assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=4.0, guidance_conditioned=True) == 4
+
+
+def test_prompt_states_encode_each_distinct_prompt_once_as_the_pipeline_does(tiny_pipe):
+    prompts = [PROMPTS[0], "", PROMPTS[1], PROMPTS[0], ""]
+    calls = []
+    hook = tiny_pipe.text_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        ours = prompt_states(tiny_pipe, prompts)
+    finally:
+        hook.remove()
+    stock, _ = tiny_pipe.encode_prompt(prompts, "cpu", 1, False)
+    assert calls == [3]  # three distinct prompts, one text-encoder pass
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-6)
+
+
+def test_generate_matches_the_stock_pipeline_with_negative_prompts(tiny_pipe):
+    negatives = ["a black background", ""]
+    ours = generate(
+        tiny_pipe, PROMPTS, seeds=[3, 4], negative_prompt=negatives, num_inference_steps=3, guidance_scale=3.0
+    )
+    stock = tiny_pipe(
+        PROMPTS,
+        negative_prompt=negatives,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
