@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from baselines import models
 from baselines.errors import ConfigError, FewstepError
 
 
@@ -81,16 +83,40 @@ class PlannedStage:
     hash: str
 
 
-def config_hash(config: object) -> str:
-    """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields."""
+def config_hash(config: object, inputs: list[str] = ()) -> str:
+    """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields, plus what the config
+    names but does not spell out: the sizes of the preset components it builds (``preset_parts``) and
+    the hashes of the earlier stages whose outputs it reads (``inputs``). Either changes the hash."""
 
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k not in _NOT_HASHED}
         return x
 
-    payload = json.dumps(strip(asdict(config)), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = strip(asdict(config))
+    parts = getattr(config, "preset_parts", ())
+    if parts:
+        sizes = asdict(models.get_preset(config.preset))
+        payload["_preset"] = {k: sizes[k] for k in parts}
+    if inputs:
+        payload["_inputs"] = sorted(inputs)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _reads(config: object, earlier: list[PlannedStage]) -> list[str]:
+    """Hashes of the earlier stages whose output folder (or a path inside it) ``config`` names, also
+    after a scheme prefix such as ``embedded:``."""
+
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, (list, tuple)):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    named = strings(asdict(config))
+    return [p.hash for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
 
 
 def _first_line(e: Exception) -> str:
@@ -145,7 +171,11 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             raise ConfigError(f"{where}: {_first_line(e)}") from None
         except FewstepError as e:
             raise ConfigError(f"stages.{name}: {e}") from None
-        planned.append(PlannedStage(name, kind, config, output, config_hash(config)))
+        try:
+            digest = config_hash(config, _reads(config, planned))
+        except FewstepError as e:
+            raise ConfigError(f"stages.{name}.preset: {e}") from None
+        planned.append(PlannedStage(name, kind, config, output, digest))
     return planned
 
 

@@ -55,6 +55,31 @@ def test_hash_ignores_run_only_fields_but_not_training_ones():
     assert base == same != other
 
 
+def _hashes(*overrides: str) -> dict[str, str]:
+    return {s.name: s.hash for s in experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", overrides))}
+
+
+def test_a_changed_stage_changes_the_hash_of_every_stage_reading_it():
+    base, changed = _hashes(), _hashes("stages.vae.train.steps=5")
+    assert base["vae"] != changed["vae"]
+    assert base["teacher"] != changed["teacher"]  # reads ${stages.vae.output}/model
+    assert base["clip"] == changed["clip"]  # does not
+
+
+def test_the_preset_sizes_a_stage_builds_are_part_of_its_hash(monkeypatch):
+    import dataclasses
+
+    from baselines import models
+
+    base = _hashes()
+    tiny = models.PRESETS["tiny"]
+    wider = dataclasses.replace(tiny, unet=dict(tiny.unet, block_out_channels=(16, 48)))
+    monkeypatch.setitem(models.PRESETS, "tiny", wider)
+    changed = _hashes()
+    assert base["teacher"] != changed["teacher"]  # builds the U-Net
+    assert base["vae"] == changed["vae"] and base["clip"] == changed["clip"]  # do not
+
+
 def test_skip_rerun_conflict_and_force(smoke_run):
     n = len(experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml")))
     result = run_cli("run", "configs/smoke.yaml", f"run_dir={smoke_run}")
