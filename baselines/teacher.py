@@ -10,6 +10,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ class TrainVAEStage:
     """Train the KL autoencoder, then measure its latent scaling factor from data."""
 
     kind: str = "train_vae"
+    preset_parts: ClassVar[tuple[str, ...]] = ("resolution", "vae")  # sizes hashed with the config
     preset: str = "shapes"
     dataset: str = "shapes"
     seed: int = 0
@@ -44,6 +46,8 @@ class TrainCLIPStage:
     embedded evaluator)."""
 
     kind: str = "train_clip"
+    # the preset sizes this stage builds from, hashed with the config
+    preset_parts: ClassVar[tuple[str, ...]] = ("resolution", "clip_text", "clip_vision", "projection_dim")
     preset: str = "shapes"
     dataset: str = "shapes"
     seed: int = 0
@@ -60,6 +64,7 @@ class TrainTeacherStage:
     caption to the empty prompt with probability ``cond_dropout`` for classifier-free guidance."""
 
     kind: str = "train_teacher"
+    preset_parts: ClassVar[tuple[str, ...]] = ("resolution", "vae", "unet", "scheduler")  # sizes hashed with the config
     preset: str = "shapes"
     dataset: str = "shapes"
     vae: str = "???"
