@@ -289,6 +289,25 @@ def _cache_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size:
     return {**result, "captions": captions}
 
 
+TEXT_STATE_CACHE_BYTES = 2 * 2**30
+
+
+def caption_states(tokenizer, text_encoder, captions: list[str], max_bytes: int = TEXT_STATE_CACHE_BYTES):
+    """``idx -> text states of captions[idx]`` for a frozen text encoder. Each distinct caption is
+    encoded once up front (1680 for shapes) while their states fit in ``max_bytes``; beyond that (a
+    large caption folder) every batch is encoded when it is drawn."""
+    distinct = sorted(set(captions))
+    per_state = tokenizer.model_max_length * text_encoder.config.hidden_size * 4
+    if len(distinct) * per_state > max_bytes:
+        return lambda idx: encode_text(tokenizer, text_encoder, [captions[j] for j in idx.tolist()])
+    states = torch.cat(
+        [encode_text(tokenizer, text_encoder, distinct[k : k + 256]) for k in range(0, len(distinct), 256)]
+    )
+    position = {c: k for k, c in enumerate(distinct)}
+    caption_index = torch.tensor([position[c] for c in captions])
+    return lambda idx: states[caption_index[idx]]
+
+
 def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> None:
     """Train the CFG U-Net teacher and save it as a complete StableDiffusionPipeline folder."""
     if not 0 <= cfg.cond_dropout < 1:
@@ -314,17 +333,11 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     n = len(cache["captions"])
     batch_size = cfg.train.batch_size
 
-    # the text encoder is frozen: encode each distinct caption once (1680 for shapes), 256 at a time
-    distinct = sorted(set(cache["captions"]))
-    states = torch.cat(
-        [encode_text(tokenizer, text_encoder, distinct[k : k + 256]) for k in range(0, len(distinct), 256)]
-    )
-    position = {c: k for k, c in enumerate(distinct)}
-    caption_index = torch.tensor([position[c] for c in cache["captions"]])
+    text_states = caption_states(tokenizer, text_encoder, cache["captions"])
 
     def batches(i: int) -> dict:
         idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
-        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": states[caption_index[idx]]}
+        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": text_states(idx)}
 
     def loss(batch, generator):
         mean, std = batch["mean"], batch["std"]

@@ -1,9 +1,9 @@
 """``fewstep bench``: seconds per image of the sampling pipeline next to the raw cost of its U-Net
 evaluations plus one VAE decode, measured in the same run on the same batch; overhead = pipeline / raw.
 
-The raw cost is the bare ``unet(latents, t, encoder_hidden_states)`` forward on the batch the pipeline
-feeds it (doubled under classifier-free guidance; with the guidance embedding for a w-conditioned
-student) times the number of U-Net calls, plus ``vae.decode`` of the batch. Everything else the
+The raw cost is the pipeline's number of bare ``unet(latents, t, encoder_hidden_states)`` forwards on the
+batch it feeds the U-Net (doubled under classifier-free guidance; with the guidance embedding for a
+w-conditioned student), run back to back, plus ``vae.decode`` of the batch. Everything else the
 pipeline does (text encoding, scheduler maths, latent preparation, post-processing) is overhead. The
 prompt encoding (``prompt_states`` of the batch as ``generate`` does it, with the empty negative prompt
 under CFG) is timed too, so the table also shows what remains of the overhead beyond it.
@@ -25,26 +25,22 @@ from baselines.samplers import generate, prompt_states, resolve_defaults, unet_e
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls (as ``timeit`` advises: slower runs measure other load)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5) -> tuple[float, float, float]:
-    """Seconds of (one bare U-Net forward on the pipeline's batch, one VAE decode of the batch, the
-    batch's prompt encoding as ``generate`` does it)."""
+def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int):
+    """Callables for the work a sampling call cannot avoid, on the batch the pipeline feeds its models:
+    ``unet()`` runs ``calls`` bare U-Net forwards, ``vae()`` one decode, ``text()`` the prompt encoding
+    as ``generate`` does it (with the empty negative prompt under CFG)."""
     conditioned = is_guidance_conditioned(pipe.unet)
     cfg = guidance_scale > 1 and not conditioned
     negatives = [""] * len(prompts)
-    encode = lambda: [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]  # noqa: E731
-    states = torch.cat(encode())
-    text = _best_seconds(encode, repeats)
+    text = lambda: [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]  # noqa: E731
+    states = torch.cat(text())
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     latents = torch.randn((len(states), pipe.unet.config.in_channels, size, size), generator=g)
@@ -53,12 +49,14 @@ def raw_costs(pipe, prompts: list[str], guidance_scale: float, repeats: int = 5)
     if conditioned:
         w = torch.full((len(states),), guidance_scale - 1)
         extra["timestep_cond"] = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
-    pipe.unet(latents, t, encoder_hidden_states=states, **extra)  # warm-up
-    unet = _best_seconds(lambda: pipe.unet(latents, t, encoder_hidden_states=states, **extra), repeats)
     z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
-    pipe.vae.decode(z)
-    vae = _best_seconds(lambda: pipe.vae.decode(z), repeats)
-    return unet, vae, text
+
+    @torch.no_grad()  # as the pipeline runs them (the closures run outside this function's no_grad)
+    def unet():
+        for _ in range(calls):
+            pipe.unet(latents, t, encoder_hidden_states=states, **extra)
+
+    return unet, torch.no_grad()(lambda: pipe.vae.decode(z)), text
 
 
 def bench_model(
@@ -69,9 +67,14 @@ def bench_model(
     sampler: str | None = None,
     guidance_scale: float | None = None,
     batch_size: int = 8,
-    repeats: int = 3,
+    repeats: int = 10,
 ) -> list[dict]:
-    """One row per step count: pipeline seconds per image, raw U-Net + VAE seconds per image, overhead."""
+    """One row per step count: pipeline seconds per image, raw U-Net + VAE seconds per image, overhead.
+
+    Each repeat times the pipeline and, right after it, its bare work (U-Net calls, VAE decode, prompt
+    encoding), so a change of machine speed between repeats cancels in that repeat's ratio; the row is
+    the repeat with the median overhead ratio.
+    """
     pipe = models.load_pipeline(model)
     info = models.read_info(model)
     _, scale, sampler = resolve_defaults(pipe, info, steps=1, guidance_scale=guidance_scale, sampler=sampler)
@@ -90,12 +93,17 @@ def bench_model(
             guidance_scale=scale,
             batch_size=batch_size,
         )
-        run()  # warm-up (scheduler set-up, allocator)
-        pipeline = _best_seconds(run, repeats)
-        unet_s, vae_s, text_s = raw_costs(pipe, prompts, scale, repeats=max(repeats, 5))  # same batch, right after
         nfe = unet_evaluations(sampler=sampler, steps=n, guidance_scale=scale, guidance_conditioned=conditioned)
         calls = nfe // (2 if scale > 1 and not conditioned else 1)  # the CFG pair is one batched call
-        raw = calls * unet_s + vae_s
+        work = bare_work(pipe, prompts, scale, calls)
+        for fn in (run, *work):  # warm-up (scheduler set-up, allocator)
+            fn()
+        timed = sorted(
+            ((_seconds(run), *(_seconds(fn) for fn in work)) for _ in range(max(1, repeats))),
+            key=lambda r: r[0] / (r[1] + r[2]),
+        )
+        pipeline, unet_s, vae_s, text_s = timed[len(timed) // 2]
+        raw = unet_s + vae_s
         rows.append(
             {
                 "model": name or str(model),
@@ -107,7 +115,7 @@ def bench_model(
                 "batch_size": batch_size,
                 "seconds_per_image": pipeline / batch_size,
                 "raw_seconds_per_image": raw / batch_size,
-                "unet_ms_per_call": 1000 * unet_s,
+                "unet_ms_per_call": 1000 * unet_s / calls,
                 "vae_decode_ms": 1000 * vae_s,
                 "text_encoding_ms": 1000 * text_s,
                 "overhead": pipeline / raw,
@@ -148,7 +156,7 @@ def write_section(path: str | Path, body: str) -> Path:
 
 
 def run_bench(
-    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=3
+    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=10
 ) -> list[dict]:
     """The ``fewstep bench`` verb: models given as ``path`` or ``name=path``; writes the table into ``out``."""
     if not specs:
@@ -169,10 +177,10 @@ def run_bench(
         )
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} with {torch.get_num_threads()} torch thread(s), batch {batch_size}, "
-        f"fastest of {repeats} runs (raw: of 5+, measured right after each pipeline timing). "
-        "raw = U-Net calls x one bare U-Net forward on the same batch (CFG pair batched) "
-        "+ one VAE decode; overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the "
-        "batch's prompt encoding).\n\n" + markdown_table(rows)
+        f"{repeats} repeats, each timing the pipeline and right after it its bare work; each row is the repeat "
+        "with the median ratio. raw = the U-Net calls (bare forwards on the same batch, CFG pair batched) + one "
+        "VAE decode; overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the batch's "
+        "prompt encoding).\n\n" + markdown_table(rows)
     )
     write_section(out, body)
     return rows

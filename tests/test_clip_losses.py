@@ -75,3 +75,20 @@ def test_clip_training_loss_is_infonce_plus_the_mean_hard_negative_term():
             terms.append(sum(per_image) / len(per_image))
     assert len(set(batch["captions"])) == 4  # distinct captions: plain InfoNCE targets
     torch.testing.assert_close(ours, infonce + weight * sum(terms) / len(terms), rtol=1e-5, atol=1e-6)
+
+
+def test_caption_states_cached_and_per_batch_agree():
+    """The teacher's frozen-text lookup: encoded once per distinct caption, or (over the memory budget)
+    per batch; both give the pipeline's text states of ``captions[idx]``."""
+    from baselines.guidance import encode_text
+    from baselines.models import text_encoder_from_clip
+    from baselines.teacher import caption_states
+
+    clip, tok = _tiny_clip()
+    encoder = text_encoder_from_clip(clip).eval()
+    captions = data.ShapesDataset(split="heldout").batch(range(5))["captions"] * 2
+    idx = torch.tensor([7, 0, 3, 3])
+    expected = encode_text(tok, encoder, [captions[j] for j in idx.tolist()])
+    cached, per_batch = caption_states(tok, encoder, captions), caption_states(tok, encoder, captions, max_bytes=0)
+    torch.testing.assert_close(cached(idx), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(per_batch(idx), expected, rtol=0, atol=1e-5)

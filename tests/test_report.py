@@ -116,7 +116,7 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
     folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "t", {"method": "teacher"})
     out = tmp_path / "BENCH.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    rows = bench.run_bench([f"tiny={folder}"], [1, 2], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
+    rows = bench.run_bench([f"tiny={folder}"], [1, 2], out=out, guidance_scale=3.0, batch_size=2, repeats=3)
     assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [("tiny", 1, 2), ("tiny", 2, 4)]
     for r in rows:
         assert r["raw_seconds_per_image"] > 0 and r["overhead"] == pytest.approx(
