@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,10 +80,11 @@ class PlannedStage:
     kind: str
     config: object
     output: Path
-    hash: str
+    hash: str  # config + preset sizes + the hashes of the stages it reads
+    own_hash: str = ""  # config + preset sizes only: equal to the stored one when only an input changed
 
 
-def config_hash(config: object, inputs: list[str] = ()) -> str:
+def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
     """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields, plus what the config
     names but does not spell out: the sizes of the preset components it builds (``preset_parts``) and
     the hashes of the earlier stages whose outputs it reads (``inputs``). Either changes the hash."""
@@ -172,10 +173,10 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         except FewstepError as e:
             raise ConfigError(f"stages.{name}: {e}") from None
         try:
-            digest = config_hash(config, _reads(config, planned))
+            digest, own = config_hash(config, _reads(config, planned)), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
-        planned.append(PlannedStage(name, kind, config, output, digest))
+        planned.append(PlannedStage(name, kind, config, output, digest, own))
     return planned
 
 
@@ -186,25 +187,50 @@ def _read_state(output: Path) -> dict:
 
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "status": status, **extra}
+    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash}
+    state.update(status=status, **extra)
     tmp = output / ".stage.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(output / "stage.json")
 
 
+def stage_status(stage: PlannedStage, state: dict) -> str:
+    """``done`` (finished with this hash), ``resume`` (started with this hash), ``new`` (no output),
+    ``stale`` (same config, but a stage it reads has changed since: rerun) or ``conflict`` (made with
+    another config of its own: replace only with ``--force``)."""
+    if not state:
+        return "new"
+    if state.get("hash") == stage.hash:
+        return "done" if state.get("status") == "done" else "resume"
+    return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
+
+
+def _conflict(stage: PlannedStage, state: dict) -> ConfigError:
+    return ConfigError(
+        f"stage {stage.name!r} in {stage.output} was made with another config "
+        f"(hash {state.get('config_hash', state.get('hash'))} != {stage.own_hash}); "
+        f"rerun with --force {stage.name} to replace it"
+    )
+
+
 def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=print) -> list[PlannedStage]:
-    """Run (or with ``dry_run`` only print) the experiment's stages in order."""
+    """Run (or with ``dry_run`` only print) the experiment's stages in order. A stage whose own config
+    changed is an error before anything runs (unless forced); one whose inputs changed reruns."""
     stages = plan(cfg)
     unknown = set(force) - {s.name for s in stages}
     if unknown:
         raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
+    states = {s.name: _read_state(s.output) for s in stages}
     if dry_run:
         for s in stages:
-            state = _read_state(s.output)
-            status = "done" if state.get("hash") == s.hash and state.get("status") == "done" else "to run"
-            log(f"[{status}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
+            status = "force" if s.name in force else stage_status(s, states[s.name])
+            label = {"new": "to run", "resume": "to resume", "stale": "to rerun: an input changed"}.get(status, status)
+            log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
         return stages
+    for s in stages:
+        if s.name not in force and stage_status(s, states[s.name]) == "conflict":
+            raise _conflict(s, states[s.name])
 
     from accelerate import Accelerator
 
@@ -216,18 +242,17 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     registry = _registry()
     for s in stages:
         state = _read_state(s.output)
-        if s.name in force and main and s.output.exists():
-            shutil.rmtree(s.output)
-            state = {}
-        barrier()
-        if state.get("hash") == s.hash and state.get("status") == "done":
+        status = "force" if s.name in force else stage_status(s, state)
+        if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
-        if state and state.get("hash") != s.hash:
-            raise ConfigError(
-                f"stage {s.name!r} in {s.output} was made with another config (hash {state.get('hash')} != {s.hash}); "
-                f"rerun with --force {s.name} to replace it"
-            )
+        if status == "conflict":  # appeared since the check above (another process)
+            raise _conflict(s, state)
+        if status in ("force", "stale") and main and s.output.exists():
+            if status == "stale":
+                log(f"[rerun] {s.name}: a stage it reads has changed")
+            shutil.rmtree(s.output)
+        barrier()
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")
         start = time.time()
         if main:

@@ -1,4 +1,6 @@
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
@@ -90,3 +92,63 @@ def test_skip_rerun_conflict_and_force(smoke_run):
     assert result.stdout.count("[done]") == n
     state = json.loads((smoke_run / "teacher" / "stage.json").read_text())
     assert state["status"] == "done" and (smoke_run / "teacher" / "config.yaml").is_file()
+
+
+@dataclass
+class _Counted:
+    """A fake stage kind: appends its name to ``log`` in the run folder's parent (how often it ran)."""
+
+    kind: str = "counted"
+    value: int = 0
+    reads: str = ""
+
+
+def _run_counted(cfg: _Counted, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out.parent / "ran.txt").open("a") as f:
+        f.write(out.name + "\n")
+
+
+def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_anything_runs(tmp_path, monkeypatch):
+    """``--force a`` with a new config for ``a`` reruns ``a`` and, automatically, ``b`` that reads it (same
+    config, changed input); ``c`` reads nothing and is skipped. A stage whose own config changed without
+    ``--force`` is an error raised before any stage runs, also when it comes after a stale one."""
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Counted, _run_counted)})
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "experiment: t\nstages:\n"
+        "  a: {kind: counted}\n"
+        "  b: {kind: counted, reads: '${stages.a.output}/model'}\n"
+        "  c: {kind: counted}\n"
+    )
+    ran = tmp_path / "runs" / "ran.txt"
+
+    def run(*overrides, force=()):
+        cfg = experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}", *overrides])
+        lines = []
+        experiment.run(cfg, force=list(force), log=lines.append)
+        return lines
+
+    run()
+    assert ran.read_text().split() == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="--force a"):
+        run("stages.a.value=1")
+    assert ran.read_text().split() == ["a", "b", "c"]
+    lines = run("stages.a.value=1", force=["a"])
+    assert ran.read_text().split() == ["a", "b", "c", "a", "b"]
+    assert any(line.startswith("[rerun] b") for line in lines) and any(line.startswith("[skip] c") for line in lines)
+    with pytest.raises(ConfigError, match="--force c"):
+        run("stages.a.value=2", "stages.c.value=1", force=["a"])  # c conflicts: a must not run first
+    assert ran.read_text().split() == ["a", "b", "c", "a", "b"]
+    dry = []
+    experiment.run(
+        experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}", "stages.a.value=2"]),
+        dry_run=True,
+        force=["a"],
+        log=dry.append,
+    )
+    assert [line.split("]")[0] for line in dry if line.startswith("[")] == [
+        "[force",
+        "[to rerun: an input changed",
+        "[done",
+    ]
