@@ -113,8 +113,12 @@ def tokenize(tokenizer, prompts: list[str]) -> Tensor:
 
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
-    """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them
-    (padded to ``model_max_length``, last hidden state)."""
-    ids = tokenize(tokenizer, prompts)
+    """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (padded to
+    ``model_max_length``, last hidden state; the attention mask only where the encoder's config asks
+    for it; no clip_skip or LoRA scale)."""
+    batch = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     device = next(text_encoder.parameters()).device
-    return text_encoder(ids.to(device))[0]
+    mask = batch.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(batch.input_ids.to(device), attention_mask=mask)[0]

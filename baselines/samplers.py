@@ -83,14 +83,20 @@ def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: flo
 
 @torch.no_grad()
 def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
-    """The pipeline's text states for ``prompts``, each distinct prompt encoded once.
+    """The pipeline's text states for ``prompts``, each distinct prompt of the call encoded once.
 
     The same states ``pipe.encode_prompt`` computes (textual-inversion prompts converted first), without
     re-encoding repeats: the empty negative prompt of a CFG batch, or one prompt sampled under many seeds.
+    Warns, as the pipeline does, when a prompt is longer than the text encoder reads.
     """
     if hasattr(pipe, "maybe_convert_prompt"):
         prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
     distinct = list(dict.fromkeys(prompts))
+    limit = pipe.tokenizer.model_max_length
+    for text in distinct:
+        length = len(pipe.tokenizer(text).input_ids)
+        if length > limit:
+            warnings.warn(f"{text!r} is {length} tokens; the text encoder reads the first {limit}", stacklevel=3)
     states = encode_text(pipe.tokenizer, pipe.text_encoder, distinct)
     position = {p: i for i, p in enumerate(distinct)}
     return states[torch.tensor([position[p] for p in prompts])]
@@ -165,10 +171,6 @@ def sample_to_folder(
     steps, scale, sampler = resolve_defaults(
         pipe, models.read_info(model), steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler
     )
-    for text in (prompt, negative_prompt or ""):
-        length, limit = len(pipe.tokenizer(text).input_ids), pipe.tokenizer.model_max_length
-        if length > limit:
-            warnings.warn(f"{text!r} is {length} tokens; the text encoder reads the first {limit}", stacklevel=2)
     seeds = [seed + i for i in range(num_images)]
     images = generate(
         pipe,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -292,12 +293,14 @@ def _cache_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size:
 TEXT_STATE_CACHE_BYTES = 2 * 2**30
 
 
-def caption_states(tokenizer, text_encoder, captions: list[str], max_bytes: int = TEXT_STATE_CACHE_BYTES):
+def caption_states(
+    tokenizer, text_encoder, captions: list[str], max_bytes: int = TEXT_STATE_CACHE_BYTES
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``idx -> text states of captions[idx]`` for a frozen text encoder. Each distinct caption is
     encoded once up front (1680 for shapes) while their states fit in ``max_bytes``; beyond that (a
     large caption folder) every batch is encoded when it is drawn."""
     distinct = sorted(set(captions))
-    per_state = tokenizer.model_max_length * text_encoder.config.hidden_size * 4
+    per_state = tokenizer.model_max_length * text_encoder.config.hidden_size * text_encoder.dtype.itemsize
     if len(distinct) * per_state > max_bytes:
         return lambda idx: encode_text(tokenizer, text_encoder, [captions[j] for j in idx.tolist()])
     states = torch.cat(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,14 +33,18 @@ def _seconds(fn) -> float:
 
 
 @torch.no_grad()
-def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int):
+def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int) -> tuple[Callable, Callable, Callable]:
     """Callables for the work a sampling call cannot avoid, on the batch the pipeline feeds its models:
     ``unet()`` runs ``calls`` bare U-Net forwards, ``vae()`` one decode, ``text()`` the prompt encoding
     as ``generate`` does it (with the empty negative prompt under CFG)."""
     conditioned = is_guidance_conditioned(pipe.unet)
     cfg = guidance_scale > 1 and not conditioned
     negatives = [""] * len(prompts)
-    text = lambda: [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]  # noqa: E731
+
+    @torch.no_grad()
+    def text() -> list[torch.Tensor]:
+        return [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]
+
     states = torch.cat(text())
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
@@ -52,11 +57,29 @@ def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int):
     z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
 
     @torch.no_grad()  # as the pipeline runs them (the closures run outside this function's no_grad)
-    def unet():
+    def unet() -> None:
         for _ in range(calls):
             pipe.unet(latents, t, encoder_hidden_states=states, **extra)
 
-    return unet, torch.no_grad()(lambda: pipe.vae.decode(z)), text
+    @torch.no_grad()
+    def vae() -> None:
+        pipe.vae.decode(z)
+
+    return unet, vae, text
+
+
+def _repeat(run: Callable, work: tuple[Callable, ...], *, pipeline_first: bool) -> tuple[float, ...]:
+    """(pipeline, U-Net, VAE, text) seconds of one repeat."""
+    if pipeline_first:
+        pipeline = _seconds(run)
+        return (pipeline, *(_seconds(fn) for fn in work))
+    bare = tuple(_seconds(fn) for fn in work)
+    return (_seconds(run), *bare)
+
+
+def _ratio(timing: tuple[float, ...]) -> float:
+    pipeline, unet_s, vae_s, _ = timing
+    return pipeline / (unet_s + vae_s)
 
 
 def bench_model(
@@ -67,13 +90,13 @@ def bench_model(
     sampler: str | None = None,
     guidance_scale: float | None = None,
     batch_size: int = 8,
-    repeats: int = 10,
+    repeats: int = 11,
 ) -> list[dict]:
     """One row per step count: pipeline seconds per image, raw U-Net + VAE seconds per image, overhead.
 
-    Each repeat times the pipeline and, right after it, its bare work (U-Net calls, VAE decode, prompt
-    encoding), so a change of machine speed between repeats cancels in that repeat's ratio; the row is
-    the repeat with the median overhead ratio.
+    Each repeat times the pipeline and its bare work (U-Net calls, VAE decode, prompt encoding) back to
+    back, alternating which goes first, so a change of machine speed between repeats cancels in that
+    repeat's ratio; the row is the repeat with the median overhead ratio.
     """
     pipe = models.load_pipeline(model)
     info = models.read_info(model)
@@ -84,24 +107,24 @@ def bench_model(
     seeds = list(range(batch_size))
     rows = []
     for n in steps:
-        run = lambda n=n: generate(  # noqa: E731
-            pipe,
-            prompts,
-            seeds=seeds,
-            sampler=sampler,
-            num_inference_steps=n,
-            guidance_scale=scale,
-            batch_size=batch_size,
-        )
+
+        def run(n: int = n) -> None:
+            generate(
+                pipe,
+                prompts,
+                seeds=seeds,
+                sampler=sampler,
+                num_inference_steps=n,
+                guidance_scale=scale,
+                batch_size=batch_size,
+            )
+
         nfe = unet_evaluations(sampler=sampler, steps=n, guidance_scale=scale, guidance_conditioned=conditioned)
         calls = nfe // (2 if scale > 1 and not conditioned else 1)  # the CFG pair is one batched call
         work = bare_work(pipe, prompts, scale, calls)
         for fn in (run, *work):  # warm-up (scheduler set-up, allocator)
             fn()
-        timed = sorted(
-            ((_seconds(run), *(_seconds(fn) for fn in work)) for _ in range(max(1, repeats))),
-            key=lambda r: r[0] / (r[1] + r[2]),
-        )
+        timed = sorted((_repeat(run, work, pipeline_first=i % 2 == 0) for i in range(max(1, repeats))), key=_ratio)
         pipeline, unet_s, vae_s, text_s = timed[len(timed) // 2]
         raw = unet_s + vae_s
         rows.append(
@@ -156,7 +179,7 @@ def write_section(path: str | Path, body: str) -> Path:
 
 
 def run_bench(
-    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=10
+    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=11
 ) -> list[dict]:
     """The ``fewstep bench`` verb: models given as ``path`` or ``name=path``; writes the table into ``out``."""
     if not specs:
@@ -177,7 +200,8 @@ def run_bench(
         )
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} with {torch.get_num_threads()} torch thread(s), batch {batch_size}, "
-        f"{repeats} repeats, each timing the pipeline and right after it its bare work; each row is the repeat "
+        f"{repeats} repeats, each timing the pipeline and its bare work back to back (alternating which goes "
+        "first); each row is the repeat "
         "with the median ratio. raw = the U-Net calls (bare forwards on the same batch, CFG pair batched) + one "
         "VAE decode; overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the batch's "
         "prompt encoding).\n\n" + markdown_table(rows)

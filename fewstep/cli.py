@@ -202,7 +202,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sampler", default=None, help="default: the model's recommended sampler")
     b.add_argument("--guidance-scale", type=float, default=None, help="default: the model's recommended scale")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--repeats", type=int, default=10, help="paired timings per setting (the median one is kept)")
+    b.add_argument("--repeats", type=int, default=11, help="paired timings per setting (the median one is kept)")
     b.add_argument("--out", default="BENCHMARKS.md", help="file whose bench section is replaced")
     b.set_defaults(func=_bench)
     return p

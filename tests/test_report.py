@@ -125,8 +125,42 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
         assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] == pytest.approx(
             r["seconds_per_image"] * 2 / (r["raw_seconds_per_image"] * 2 + r["text_encoding_ms"] / 1000)
         )
-    assert rows[1]["raw_seconds_per_image"] > rows[0]["raw_seconds_per_image"]  # one more U-Net call
     bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept text") and text.count(bench.START) == 1
     assert "| tiny |" not in text and f"| {folder} |" in text  # the section was replaced, not appended
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale):
+    """The raw side of the overhead ratio: ``bare_work`` makes as many U-Net forwards on inputs of the same
+    shapes as ``generate`` does (the CFG pair batched), and one VAE decode of the same latent shape."""
+    from baselines.samplers import generate, unet_evaluations
+    from eval.bench import bare_work
+
+    pipe = models.build_pipeline("tiny", seed=0)
+    prompts = ["a red circle", "a blue square", "a red circle"]
+    seen = []
+
+    def hook(name):
+        return lambda module, args, kwargs, out: seen.append(
+            (name, tuple(args[0].shape), kwargs.get("encoder_hidden_states", torch.zeros(0)).shape)
+        )
+
+    handles = [
+        pipe.unet.register_forward_hook(hook("unet"), with_kwargs=True),
+        pipe.vae.decoder.register_forward_hook(hook("vae"), with_kwargs=True),
+    ]
+    steps = 3
+    generate(pipe, prompts, seeds=[0, 1, 2], num_inference_steps=steps, guidance_scale=guidance_scale, batch_size=3)
+    from_pipeline, seen[:] = list(seen), []
+    calls = unet_evaluations(sampler="ddim", steps=steps, guidance_scale=guidance_scale) // (
+        2 if guidance_scale > 1 else 1
+    )
+    unet, vae, _ = bare_work(pipe, prompts, guidance_scale, calls)
+    unet()
+    vae()
+    for h in handles:
+        h.remove()
+    assert len([s for s in from_pipeline if s[0] == "unet"]) == calls
+    assert seen == from_pipeline

@@ -73,3 +73,16 @@ def test_generate_matches_the_stock_pipeline_with_negative_prompts(tiny_pipe):
         output_type="pt",
     ).images
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+
+
+def test_prompt_states_warn_on_truncation_and_use_the_mask_when_the_encoder_asks(tiny_pipe, monkeypatch):
+    long = " ".join(["red"] * (tiny_pipe.tokenizer.model_max_length + 3))
+    with pytest.warns(UserWarning, match="the text encoder reads the first"):
+        prompt_states(tiny_pipe, [long, "a red circle"])
+    prompts = ["a red circle", "a blue square on a green background"]
+    monkeypatch.setattr(tiny_pipe.text_encoder.config, "use_attention_mask", True, raising=False)
+    masked = prompt_states(tiny_pipe, prompts)
+    stock, _ = tiny_pipe.encode_prompt(prompts, "cpu", 1, False)
+    torch.testing.assert_close(masked, stock, rtol=0, atol=1e-6)
+    monkeypatch.setattr(tiny_pipe.text_encoder.config, "use_attention_mask", False)
+    assert not torch.allclose(prompt_states(tiny_pipe, prompts), masked)  # the mask changed the states
