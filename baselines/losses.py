@@ -8,9 +8,12 @@ from torch import Tensor
 from baselines import diffusion
 
 
-def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
-    """Uniform integer timesteps in [0, T)."""
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+def draw_timesteps(
+    n: int, num_train_timesteps: int, generator: torch.Generator, max_timestep: int | None = None
+) -> Tensor:
+    """Uniform integer timesteps in [0, T), or in [0, max_timestep] (training at low noise only)."""
+    high = num_train_timesteps if max_timestep is None else min(num_train_timesteps, max_timestep + 1)
+    return torch.randint(0, high, (n,), generator=generator)
 
 
 def denoising_loss(
@@ -20,14 +23,15 @@ def denoising_loss(
     text: Tensor,
     generator: torch.Generator,
     snr_gamma: float | None = None,
+    max_timestep: int | None = None,
     reduce: bool = True,
     **denoiser_kwargs,
 ) -> Tensor:
     """The diffusion training loss in the denoiser's native parametrisation (Ho et al. 2020;
     v-prediction: Salimans & Ho 2022). With ``snr_gamma``, Min-SNR-gamma weights (Hang et al.
-    2023) rescaled to the native parametrisation."""
+    2023) rescaled to the native parametrisation. With ``max_timestep``, t is drawn from [0, max_timestep]."""
     n = x0.shape[0]
-    t = draw_timesteps(n, len(denoiser.alphas_cumprod), generator).to(x0.device)
+    t = draw_timesteps(n, len(denoiser.alphas_cumprod), generator, max_timestep).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
     alpha, sigma = denoiser.alpha_sigma(t)
     z = diffusion.diffuse(x0=x0, eps=eps, alpha=alpha, sigma=sigma)

@@ -311,6 +311,47 @@ def caption_states(
     return lambda idx: states[caption_index[idx]]
 
 
+def cfg_training_loss(
+    *,
+    denoiser: UNetDenoiser,
+    cache: dict,
+    scaling_factor: float,
+    tokenizer,
+    text_encoder,
+    batch_size: int,
+    cond_dropout: float,
+    snr_gamma: float | None = None,
+    max_timestep: int | None = None,
+) -> tuple[Callable[[int], dict], Callable[[dict, torch.Generator], torch.Tensor]]:
+    """``(batches, loss)`` for the one training loop: the denoising loss on cached posterior latents
+    (a fresh posterior sample each time, times ``scaling_factor``) and frozen text states, the caption
+    dropped to the empty prompt with probability ``cond_dropout`` for classifier-free guidance."""
+    null_text = encode_text(tokenizer, text_encoder, [""])
+    n = len(cache["captions"])
+    text_states = caption_states(tokenizer, text_encoder, cache["captions"])
+
+    def batches(i: int) -> dict:
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
+        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": text_states(idx)}
+
+    def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        mean, std = batch["mean"], batch["std"]
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+        drop = torch.rand(x0.shape[0], generator=generator) < cond_dropout
+        text = torch.where(drop[:, None, None], null_text.expand_as(batch["text"]), batch["text"])
+        device = next(denoiser.parameters()).device
+        return denoising_loss(
+            denoiser=denoiser,
+            x0=x0.to(device),
+            text=text.to(device),
+            generator=generator,
+            snr_gamma=snr_gamma,
+            max_timestep=max_timestep,
+        )
+
+    return batches, loss
+
+
 def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> None:
     """Train the CFG U-Net teacher and save it as a complete StableDiffusionPipeline folder."""
     if not 0 <= cfg.cond_dropout < 1:
@@ -331,26 +372,16 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     cache = _cache_latents(vae, dataset, cfg.cache_images, out / "cache")
     if is_main_process():
         barrier()
-    scaling = vae.config.scaling_factor
-    null_text = encode_text(tokenizer, text_encoder, [""])
-    n = len(cache["captions"])
-    batch_size = cfg.train.batch_size
-
-    text_states = caption_states(tokenizer, text_encoder, cache["captions"])
-
-    def batches(i: int) -> dict:
-        idx = torch.arange(i * batch_size, (i + 1) * batch_size) % n
-        return {"mean": cache["mean"][idx], "std": cache["std"][idx], "text": text_states(idx)}
-
-    def loss(batch, generator):
-        mean, std = batch["mean"], batch["std"]
-        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-        drop = torch.rand(x0.shape[0], generator=generator) < cfg.cond_dropout
-        text = torch.where(drop[:, None, None], null_text.expand_as(batch["text"]), batch["text"])
-        device = next(unet.parameters()).device
-        return denoising_loss(
-            denoiser=denoiser, x0=x0.to(device), text=text.to(device), generator=generator, snr_gamma=cfg.snr_gamma
-        )
+    batches, loss = cfg_training_loss(
+        denoiser=denoiser,
+        cache=cache,
+        scaling_factor=vae.config.scaling_factor,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        batch_size=cfg.train.batch_size,
+        cond_dropout=cfg.cond_dropout,
+        snr_gamma=cfg.snr_gamma,
+    )
 
     train(
         loss=loss,

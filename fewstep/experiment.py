@@ -34,7 +34,7 @@ class StageKind:
 
 
 def _registry() -> dict[str, StageKind]:
-    from baselines import teacher
+    from baselines import finetune, teacher
     from distill import guidance, progressive
     from editing import dreambooth, imagic, inpaint, sdedit, textual_inversion
     from eval import attributes, checks, edits, report, sweep
@@ -44,6 +44,7 @@ def _registry() -> dict[str, StageKind]:
         "train_clip": StageKind(teacher.TrainCLIPStage, teacher.run_train_clip, distributed=True),
         "finetune_clip": StageKind(teacher.FinetuneCLIPStage, teacher.run_finetune_clip, distributed=True),
         "train_teacher": StageKind(teacher.TrainTeacherStage, teacher.run_train_teacher, distributed=True),
+        "finetune_teacher": StageKind(finetune.FinetuneTeacherStage, finetune.run_finetune_teacher, distributed=True),
         "load_teacher": StageKind(teacher.LoadTeacherStage, teacher.run_load_teacher),
         "check_clip": StageKind(checks.CheckCLIPStage, checks.run_check_clip),
         "check_evaluator": StageKind(checks.CheckEvaluatorStage, checks.run_check_evaluator),

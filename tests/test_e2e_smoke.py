@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, run_cli
 from PIL import Image
 
@@ -27,6 +28,26 @@ def test_teacher_folder_is_complete(smoke_run):
     assert sched["timestep_spacing"] == "trailing" and sched["num_train_timesteps"] == 1024
     vae = json.loads((folder / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] != 1.0  # measured from data, not left at the default
+
+
+def test_finetune_teacher_changes_only_the_unet(smoke_run):
+    """The smoke ``refine`` stage (finetune_teacher at t <= 100) saves a whole pipeline whose U-Net moved
+    and whose VAE and text encoder are the teacher's, bit for bit."""
+    from safetensors.torch import load_file
+
+    teacher, refined = smoke_run / "teacher" / "model", smoke_run / "refine" / "model"
+
+    def weights(folder, part):
+        return load_file(next((folder / part).glob("*.safetensors")))
+
+    for part in ("vae", "text_encoder"):
+        a, b = weights(teacher, part), weights(refined, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = weights(teacher, "unet"), weights(refined, "unet")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((refined / "fewstep.json").read_text())
+    assert info["parent"] == str(teacher) and info["config"]["max_timestep"] == 100
+    assert info["recommended"] == json.loads((teacher / "fewstep.json").read_text())["recommended"]
 
 
 @pytest.mark.parametrize(

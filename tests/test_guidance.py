@@ -64,3 +64,35 @@ def test_guidance_embedding_matches_the_stock_pipeline(tiny_pipe):
     ours = get_guidance_scale_embedding(w, 32)
     theirs = tiny_pipe.get_guidance_scale_embedding(w, embedding_dim=32)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_denoising_loss_with_max_timestep_trains_only_at_low_noise():
+    """``max_timestep`` bounds the drawn timesteps (inclusive) and nothing else changes."""
+    import torch
+
+    from baselines.losses import denoising_loss, draw_timesteps
+
+    t = draw_timesteps(4096, 1024, torch.Generator().manual_seed(0), max_timestep=100)
+    assert t.min() == 0 and t.max() == 100
+    assert torch.equal(
+        draw_timesteps(64, 1024, torch.Generator().manual_seed(1)),
+        torch.randint(0, 1024, (64,), generator=torch.Generator().manual_seed(1)),
+    )
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        native = "v"
+        alphas_cumprod = torch.linspace(0.999, 0.0, 1024)
+
+        def alpha_sigma(self, t):
+            a = self.alphas_cumprod[t]
+            return a.sqrt(), (1 - a).sqrt()
+
+        def forward(self, z, t, text, parametrisation):
+            seen.append(t)
+            return torch.zeros_like(z)
+
+    x0 = torch.randn(256, 4, 2, 2)
+    denoising_loss(denoiser=Recorder(), x0=x0, text=None, generator=torch.Generator().manual_seed(0), max_timestep=7)
+    assert int(seen[0].max()) <= 7
