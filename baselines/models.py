@@ -147,9 +147,12 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     return encoder
 
 
-def build_unet(preset: Preset, *, latent_channels: int, cross_attention_dim: int, **overrides) -> UNet2DConditionModel:
-    """A randomly initialised conditional U-Net on the preset's latent grid."""
-    vae_levels = len(preset.vae["block_out_channels"])
+def build_unet(
+    preset: Preset, *, latent_channels: int, cross_attention_dim: int, vae_levels: int | None = None, **overrides
+) -> UNet2DConditionModel:
+    """A randomly initialised conditional U-Net on the latent grid of a VAE with ``vae_levels`` levels
+    (default: the preset's VAE) at the preset's resolution."""
+    vae_levels = vae_levels or len(preset.vae["block_out_channels"])
     kwargs = dict(preset.unet, **overrides)
     return UNet2DConditionModel(
         sample_size=preset.resolution // 2 ** (vae_levels - 1),

@@ -362,7 +362,10 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     text_encoder = models.text_encoder_from_clip(clip).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     unet = models.build_unet(
-        preset, latent_channels=vae.config.latent_channels, cross_attention_dim=text_encoder.config.hidden_size
+        preset,
+        latent_channels=vae.config.latent_channels,
+        cross_attention_dim=text_encoder.config.hidden_size,
+        vae_levels=len(vae.config.block_out_channels),  # the VAE it trains on, which may not be the preset's
     )
     scheduler = models.build_scheduler(preset)
     denoiser = UNetDenoiser(unet, dict(scheduler.config), scheduler.alphas_cumprod)
