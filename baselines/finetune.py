@@ -18,8 +18,8 @@ import torch
 from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser
-from baselines.teacher import _cache_latents, _final_loss, cfg_training_loss
-from baselines.train import TrainConfig, barrier, is_main_process, train
+from baselines.teacher import _final_loss, cache_latents, cfg_training_loss
+from baselines.train import TrainConfig, is_main_process, train
 
 
 @dataclass
@@ -53,11 +53,7 @@ def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None)
     resolution = unet.config.sample_size * pipe.vae_scale_factor
     dataset = data.make_dataset(cfg.dataset, resolution=resolution, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    if not is_main_process():
-        barrier()  # rank 0 encodes and writes the cache first; the others then read it
-    cache = _cache_latents(pipe.vae, dataset, cfg.cache_images, out / "cache")
-    if is_main_process():
-        barrier()
+    cache = cache_latents(pipe.vae, dataset, cfg.cache_images, out / "cache")
     batches, loss = cfg_training_loss(
         denoiser=UNetDenoiser.from_pipeline(pipe),
         cache=cache,

@@ -93,10 +93,9 @@ def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
         prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
     distinct = list(dict.fromkeys(prompts))
     limit = pipe.tokenizer.model_max_length
-    for text in distinct:
-        length = len(pipe.tokenizer(text).input_ids)
-        if length > limit:
-            warnings.warn(f"{text!r} is {length} tokens; the text encoder reads the first {limit}", stacklevel=3)
+    for text, ids in zip(distinct, pipe.tokenizer(distinct).input_ids):  # one untruncated pass, as the pipeline's
+        if len(ids) > limit:
+            warnings.warn(f"{text!r} is {len(ids)} tokens; the text encoder reads the first {limit}", stacklevel=3)
     states = encode_text(pipe.tokenizer, pipe.text_encoder, distinct)
     position = {p: i for i, p in enumerate(distinct)}
     return states[torch.tensor([position[p] for p in prompts])]

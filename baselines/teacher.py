@@ -268,9 +268,19 @@ def _fit_clip(
         models.save_clip(clip, tokenizer, out / "model")
 
 
+def cache_latents(vae: AutoencoderKL, dataset, n: int, cache: Path) -> dict:
+    """Posterior mean/std and captions of the first ``n`` training images, cached on disk. In a
+    multi-process run rank 0 encodes and writes the cache first; the others then read it."""
+    if not is_main_process():
+        barrier()
+    result = _encode_latents(vae, dataset, n, cache)
+    if is_main_process():
+        barrier()
+    return result
+
+
 @torch.no_grad()
-def _cache_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size: int = 256) -> dict:
-    """Posterior mean/std and captions of the first ``n`` training images, cached on disk."""
+def _encode_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size: int = 256) -> dict:
     from safetensors.torch import load_file, save_file
 
     tensors, captions_file = cache / "latents.safetensors", cache / "captions.json"
@@ -370,11 +380,7 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     scheduler = models.build_scheduler(preset)
     denoiser = UNetDenoiser(unet, dict(scheduler.config), scheduler.alphas_cumprod)
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
-    if not is_main_process():
-        barrier()  # rank 0 encodes and writes the cache first; the others then read it
-    cache = _cache_latents(vae, dataset, cfg.cache_images, out / "cache")
-    if is_main_process():
-        barrier()
+    cache = cache_latents(vae, dataset, cfg.cache_images, out / "cache")
     batches, loss = cfg_training_loss(
         denoiser=denoiser,
         cache=cache,

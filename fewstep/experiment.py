@@ -195,10 +195,12 @@ def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> Non
     tmp.replace(output / "stage.json")
 
 
-def stage_status(stage: PlannedStage, state: dict) -> str:
-    """``done`` (finished with this hash), ``resume`` (started with this hash), ``new`` (no output),
-    ``stale`` (same config, but a stage it reads has changed since: rerun) or ``conflict`` (made with
-    another config of its own: replace only with ``--force``)."""
+def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False) -> str:
+    """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
+    this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads has changed since:
+    rerun) or ``conflict`` (made with another config of its own: replace only with ``--force``)."""
+    if forced:
+        return "force"
     if not state:
         return "new"
     if state.get("hash") == stage.hash:
@@ -224,13 +226,13 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     states = {s.name: _read_state(s.output) for s in stages}
     if dry_run:
         for s in stages:
-            status = "force" if s.name in force else stage_status(s, states[s.name])
+            status = stage_status(s, states[s.name], forced=s.name in force)
             label = {"new": "to run", "resume": "to resume", "stale": "to rerun: an input changed"}.get(status, status)
             log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
         return stages
     for s in stages:
-        if s.name not in force and stage_status(s, states[s.name]) == "conflict":
+        if stage_status(s, states[s.name], forced=s.name in force) == "conflict":
             raise _conflict(s, states[s.name])
 
     from accelerate import Accelerator
@@ -243,7 +245,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     registry = _registry()
     for s in stages:
         state = _read_state(s.output)
-        status = "force" if s.name in force else stage_status(s, state)
+        status = stage_status(s, state, forced=s.name in force)
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
