@@ -104,21 +104,29 @@ class CFGDenoiser(nn.Module):
         return pred_uncond + s.reshape(-1, *([1] * (z.ndim - 1))) * (pred_cond - pred_uncond)
 
 
-def tokenize(tokenizer, prompts: list[str]) -> Tensor:
-    """Token ids padded/truncated to ``model_max_length``, as the Stable Diffusion pipeline does."""
+def text_batch(tokenizer, prompts: list[str]):
+    """Token ids and attention mask padded/truncated to ``model_max_length``, as the Stable Diffusion
+    pipeline tokenizes."""
     return tokenizer(
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    )
+
+
+def tokenize(tokenizer, prompts: list[str]) -> Tensor:
+    """Token ids padded/truncated to ``model_max_length``, as the Stable Diffusion pipeline does."""
+    return text_batch(tokenizer, prompts).input_ids
 
 
 @torch.no_grad()
-def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
-    """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (padded to
-    ``model_max_length``, last hidden state; the attention mask only where the encoder's config asks
-    for it; no clip_skip or LoRA scale)."""
-    batch = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
+def encode_tokens(text_encoder: nn.Module, batch) -> Tensor:
+    """Last hidden states of a ``text_batch``; the attention mask only where the encoder's config asks
+    for it, as ``StableDiffusionPipeline.encode_prompt`` does."""
     device = next(text_encoder.parameters()).device
     mask = batch.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
     return text_encoder(batch.input_ids.to(device), attention_mask=mask)[0]
+
+
+def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
+    """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (padded to
+    ``model_max_length``, last hidden state; no clip_skip or LoRA scale)."""
+    return encode_tokens(text_encoder, text_batch(tokenizer, prompts))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from baselines import diffusion, models
 from baselines.data import to_uint8
 from baselines.errors import FewstepError
-from baselines.guidance import encode_text, is_guidance_conditioned
+from baselines.guidance import encode_tokens, is_guidance_conditioned, text_batch
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -82,21 +82,31 @@ def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: flo
 
 
 @torch.no_grad()
+def has_multi_vector_tokens(tokenizer) -> bool:
+    """Whether a textual-inversion embedding of several vectors is loaded (tokens ``<t>``, ``<t>_1``, ...):
+    only then does diffusers' ``maybe_convert_prompt`` change a prompt."""
+    added = tokenizer.added_tokens_encoder
+    return any(f"{token}_1" in added for token in added)
+
+
 def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
     """The pipeline's text states for ``prompts``, each distinct prompt of the call encoded once.
 
-    The same states ``pipe.encode_prompt`` computes (textual-inversion prompts converted first), without
-    re-encoding repeats: the empty negative prompt of a CFG batch, or one prompt sampled under many seeds.
-    Warns, as the pipeline does, when a prompt is longer than the text encoder reads.
+    The same states ``pipe.encode_prompt`` computes (multi-vector textual-inversion tokens expanded
+    first), without re-encoding repeats: the empty negative prompt of a CFG batch, or one prompt sampled
+    under many seeds. Warns, as the pipeline does, when a prompt is longer than the text encoder reads.
     """
-    if hasattr(pipe, "maybe_convert_prompt"):
-        prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
     distinct = list(dict.fromkeys(prompts))
+    texts = distinct
+    if hasattr(pipe, "maybe_convert_prompt") and has_multi_vector_tokens(pipe.tokenizer):
+        texts = pipe.maybe_convert_prompt(distinct, pipe.tokenizer)
+    batch = text_batch(pipe.tokenizer, texts)
     limit = pipe.tokenizer.model_max_length
-    for text, ids in zip(distinct, pipe.tokenizer(distinct).input_ids):  # one untruncated pass, as the pipeline's
+    full = [text for text, used in zip(texts, batch.attention_mask.sum(1).tolist()) if used == limit]
+    for text, ids in zip(full, pipe.tokenizer(full).input_ids if full else []):  # only full rows can be cut
         if len(ids) > limit:
             warnings.warn(f"{text!r} is {len(ids)} tokens; the text encoder reads the first {limit}", stacklevel=3)
-    states = encode_text(pipe.tokenizer, pipe.text_encoder, distinct)
+    states = encode_tokens(pipe.text_encoder, batch)
     position = {p: i for i, p in enumerate(distinct)}
     return states[torch.tensor([position[p] for p in prompts])]
 

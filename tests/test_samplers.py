@@ -1,9 +1,10 @@
 import hashlib
+import warnings
 
 import pytest
 import torch
 
-from baselines.samplers import SAMPLERS, generate, prompt_states, save_png, unet_evaluations
+from baselines.samplers import SAMPLERS, generate, has_multi_vector_tokens, prompt_states, save_png, unet_evaluations
 
 PROMPTS = ["a small red circle on a blue background, top left", "a large white square on a black background, center"]
 
@@ -57,6 +58,34 @@ def test_prompt_states_encode_each_distinct_prompt_once_as_the_pipeline_does(tin
     stock, _ = tiny_pipe.encode_prompt(prompts, "cpu", 1, False)
     assert calls == [3]  # three distinct prompts, one text-encoder pass
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-6)
+
+
+def test_prompt_states_warn_only_when_a_prompt_is_cut(tiny_pipe):
+    limit = tiny_pipe.tokenizer.model_max_length
+    fits = " ".join(["red"] * (limit - 2))  # with the start and end tokens: exactly model_max_length
+    assert len(tiny_pipe.tokenizer(fits).input_ids) == limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prompt_states(tiny_pipe, [fits, "a red circle"])
+    with pytest.warns(UserWarning, match=f"is {limit + 1} tokens"):
+        prompt_states(tiny_pipe, [fits + " red", "a red circle"])
+
+
+def test_prompt_states_expand_multi_vector_textual_inversion_tokens_as_the_pipeline_does():
+    from baselines.models import build_pipeline
+
+    pipe = build_pipeline("tiny", seed=0)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion({"<one>": torch.randn(width)}, token="<one>")
+    assert not has_multi_vector_tokens(pipe.tokenizer)  # a single vector: prompts are not rewritten
+    pipe.load_textual_inversion({"<pair>": torch.randn(2, width)}, token="<pair>")
+    assert has_multi_vector_tokens(pipe.tokenizer)
+    prompts = ["a <pair> on a red background", "a <one> circle", ""]
+    stock, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    torch.testing.assert_close(prompt_states(pipe, prompts), stock, rtol=0, atol=1e-6)
+    expanded = prompt_states(pipe, prompts[:1])
+    pipe.maybe_convert_prompt = lambda prompts, tokenizer: prompts  # without the rewrite, <pair> reads as one token
+    assert not torch.allclose(prompt_states(pipe, prompts[:1]), expanded)
 
 
 def test_generate_matches_the_stock_pipeline_with_negative_prompts(tiny_pipe):
