@@ -7,6 +7,7 @@ so image i is the same whatever the batch size (EDM's per-sample seeding).
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -56,16 +57,36 @@ def ddim_step_with(predict_x0, z: torch.Tensor, t: torch.Tensor, t_prev: torch.T
 
 def make_scheduler(name: str, base_config: dict):
     """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config (so
-    the training schedule, prediction type and spacing carry over)."""
+    the training schedule, prediction type and spacing carry over).
+
+    Heun, PNDM and LMS have no ``rescale_betas_zero_snr`` option and would silently run a zero-terminal-SNR
+    model on the unrescaled schedule; they get the trained schedule as ``trained_betas`` instead."""
     if name not in SAMPLERS:
         raise FewstepError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        extra = {**extra, "trained_betas": zero_terminal_snr_betas(base_config)}  # from_config drops it from a config
     return cls.from_config(dict(base_config), **extra)
 
 
+def zero_terminal_snr_betas(scheduler_config: dict) -> list[float]:
+    """The betas of a zero-terminal-SNR training schedule with alpha_bar_T = 2**-24 instead of 0, as
+    diffusers' Euler and DPM-Solver schedulers hold it (a zero makes sigma_T infinite)."""
+    alphas_cumprod = DDIMScheduler.from_config(dict(scheduler_config)).alphas_cumprod.double()
+    alphas_cumprod[-1] = 2.0**-24
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
+
+
 def unet_evaluations(*, sampler: str, steps: int, guidance_scale: float, guidance_conditioned: bool = False) -> int:
-    """U-Net evaluations per image: Heun's 2nd-order steps cost two (the last one), CFG doubles."""
-    per_step = 2 * steps - 1 if sampler == "heun" else steps
+    """U-Net evaluations per image, one per entry of the scheduler's timesteps: Heun's 2nd-order steps
+    cost two (not the last one); PNDM (PLMS) repeats a timestep once when steps > 1; CFG doubles."""
+    if sampler == "heun":
+        per_step = 2 * steps - 1
+    elif sampler == "pndm":
+        per_step = steps + 1 if steps > 1 else steps
+    else:
+        per_step = steps
     cfg = guidance_scale > 1 and not guidance_conditioned
     return per_step * (2 if cfg else 1)
 
@@ -129,7 +150,6 @@ def generate(
     change image i. With ``latents``, the final (scaled) latents instead, without VAE decoding."""
     if len(prompts) != len(seeds):
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     negatives = (
         [negative_prompt] * len(prompts)
@@ -137,20 +157,25 @@ def generate(
         else negative_prompt
     )
     cfg = guidance_scale > 1 and not is_guidance_conditioned(pipe.unet)
+    own_scheduler = pipe.scheduler  # the pipeline keeps its own: a distilled student saves it
+    pipe.scheduler = make_scheduler(sampler, own_scheduler.config)
     images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
-        stop = min(len(prompts), start + batch_size)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:stop]]
-        neg = [n or "" for n in negatives[start:stop]]
-        out = pipe(
-            prompt_embeds=prompt_states(pipe, prompts[start:stop]),
-            negative_prompt_embeds=prompt_states(pipe, neg) if cfg else None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="latent" if latents else "pt",
-        )
-        images.append(out.images.cpu())
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
+            stop = min(len(prompts), start + batch_size)
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:stop]]
+            neg = [n or "" for n in negatives[start:stop]]
+            out = pipe(
+                prompt_embeds=prompt_states(pipe, prompts[start:stop]),
+                negative_prompt_embeds=prompt_states(pipe, neg) if cfg else None,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="latent" if latents else "pt",
+            )
+            images.append(out.images.cpu())
+    finally:
+        pipe.scheduler = own_scheduler
     return torch.cat(images)
 
 

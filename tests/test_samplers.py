@@ -4,7 +4,15 @@ import warnings
 import pytest
 import torch
 
-from baselines.samplers import SAMPLERS, generate, has_multi_vector_tokens, prompt_states, save_png, unet_evaluations
+from baselines.samplers import (
+    SAMPLERS,
+    generate,
+    has_multi_vector_tokens,
+    make_scheduler,
+    prompt_states,
+    save_png,
+    unet_evaluations,
+)
 
 PROMPTS = ["a small red circle on a blue background, top left", "a large white square on a black background, center"]
 
@@ -40,11 +48,35 @@ def test_same_seed_gives_byte_identical_pngs(tiny_pipe, tmp_path):
     assert digests[0] == digests[1]
 
 
-def test_unet_evaluations_count_cfg_and_heun():
-    assert unet_evaluations(sampler="ddim", steps=50, guidance_scale=4.0) == 100
-    assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=1.0) == 4
-    assert unet_evaluations(sampler="heun", steps=10, guidance_scale=1.0) == 19
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_the_zero_terminal_snr_schedule_the_model_was_trained_on(tiny_pipe, sampler):
+    trained = tiny_pipe.scheduler
+    assert trained.config.rescale_betas_zero_snr and trained.alphas_cumprod[-1] == 0
+    scheduler = make_scheduler(sampler, trained.config)
+    torch.testing.assert_close(scheduler.alphas_cumprod[:-1], trained.alphas_cumprod[:-1], rtol=1e-5, atol=1e-7)
+    assert scheduler.alphas_cumprod[-1] <= 2.0**-24 * (1 + 1e-4)  # 0, or 2**-24 where sigma_T must stay finite
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_unet_evaluations_count_the_pipelines_unet_calls(tiny_pipe, sampler):
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        for steps, scale in [(1, 1.0), (2, 1.0), (3, 2.0)]:
+            calls.clear()
+            generate(
+                tiny_pipe, PROMPTS[:1], seeds=[0], sampler=sampler, num_inference_steps=steps, guidance_scale=scale
+            )
+            assert sum(calls) == unet_evaluations(sampler=sampler, steps=steps, guidance_scale=scale), (steps, scale)
+    finally:
+        hook.remove()
     assert unet_evaluations(sampler="ddim", steps=4, guidance_scale=4.0, guidance_conditioned=True) == 4
+
+
+def test_generate_leaves_the_pipelines_scheduler_alone(tiny_pipe):
+    own = tiny_pipe.scheduler
+    generate(tiny_pipe, PROMPTS[:1], seeds=[0], sampler="heun", num_inference_steps=2, guidance_scale=1.0)
+    assert tiny_pipe.scheduler is own
 
 
 def test_prompt_states_encode_each_distinct_prompt_once_as_the_pipeline_does(tiny_pipe):
