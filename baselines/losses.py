@@ -42,7 +42,8 @@ def denoising_loss(
     if snr_gamma is not None:
         s = diffusion.snr(alpha=alpha, sigma=sigma).to(per_sample)
         clipped = torch.minimum(s, torch.full_like(s, snr_gamma))
-        weight = {"eps": clipped / s, "x0": clipped, "v": clipped / (s + 1)}[native]
+        eps_weight = (snr_gamma / s).clamp(max=1)  # = min(SNR, gamma) / SNR, also 1 at SNR = 0 (zero terminal SNR)
+        weight = {"eps": eps_weight, "x0": clipped, "v": clipped / (s + 1)}[native]
         per_sample = per_sample * weight
     return per_sample.mean() if reduce else per_sample
 

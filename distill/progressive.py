@@ -11,6 +11,7 @@ and student (Meng et al. 2023, stage two).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def run_progressive(cfg: ProgressiveStage, out: Path, accelerator=None) -> None:
     uncond = encode_text(teacher_pipe.tokenizer, teacher_pipe.text_encoder, [""])
 
     teacher = students.denoiser_of(teacher_pipe.unet, teacher_pipe.scheduler).eval().requires_grad_(False)
+    if teacher.native != cfg.parametrisation:
+        warnings.warn(
+            f"the teacher's U-Net predicts {teacher.native} and the students {cfg.parametrisation}: the first "
+            "round starts from the teacher's weights read in another parametrisation and must relearn its "
+            "output before it matches the teacher; give that round more training steps",
+            stacklevel=2,
+        )
     teacher_uncond, parent = uncond, str(cfg.teacher)
     for n in round_steps(cfg.start_steps, cfg.end_steps):
         folder = out / f"progressive-{n}step"

@@ -50,13 +50,15 @@ def inpaint_latents(
     strength: float = 1.0,
 ) -> Tensor:
     """Inpainted latents: where ``keep`` (B,1,h,w) is 1 the latent is the original noised to the
-    current time after every step, so at the end it is exactly the original latent."""
+    current time after every step, and after the last step it is exactly the original latent (also
+    where the schedule's final alpha-bar is not 1, as with ``set_alpha_to_one=False``)."""
     noise = draw_noise(tuple(latents.shape[1:]), seeds).to(latents)
     acp, final = pipe.scheduler.alphas_cumprod, final_alpha_cumprod_of(pipe)
 
     def replace_known(z: Tensor, t_prev: Tensor) -> Tensor:
         alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t_prev, final_alpha_cumprod=final)
         known = diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma)
+        known = torch.where((t_prev < 0).reshape(-1, *[1] * (z.ndim - 1)), latents, known)
         return keep * known + (1 - keep) * z
 
     return img2img(

@@ -144,6 +144,26 @@ def test_inpaint_keeps_unmasked_latents_and_pixels(tiny_pipe):
     assert not torch.equal(raw[unmasked], x[unmasked])  # the VAE round trip alone would change them
 
 
+def test_inpaint_ends_on_the_original_latent_when_the_final_alpha_bar_is_not_one(tiny_pipe):
+    """Stable Diffusion 1.x schedulers have ``set_alpha_to_one=False``: noising to the final alpha-bar
+    would leave noise in the kept region, so after the last step it is the original latent itself."""
+    from diffusers import DDIMScheduler
+
+    latents = common.encode_image(tiny_pipe.vae, _pixels(tiny_pipe))
+    keep = torch.zeros(2, 1, *latents.shape[-2:])
+    keep[..., :2, :] = 1
+    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT] * 2)
+    own = tiny_pipe.scheduler
+    tiny_pipe.scheduler = DDIMScheduler.from_config(own.config, set_alpha_to_one=False)
+    try:
+        assert common.final_alpha_cumprod_of(tiny_pipe) < 1
+        out = inpaint.inpaint_latents(tiny_pipe, latents, keep, text, steps=3, guidance_scale=2.0, seeds=[0, 1])
+    finally:
+        tiny_pipe.scheduler = own
+    k = keep.expand_as(latents).bool()
+    assert torch.equal(out[k], latents[k])
+
+
 def test_thin_mask_strokes_survive_downsampling(tmp_path):
     mask = torch.zeros(1, 1, 16, 16)
     mask[0, 0, :, 5] = 1  # a 1-pixel vertical stroke on an odd column

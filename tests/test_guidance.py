@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from baselines import diffusion as D
@@ -96,3 +97,43 @@ def test_denoising_loss_with_max_timestep_trains_only_at_low_noise():
     x0 = torch.randn(256, 4, 2, 2)
     denoising_loss(denoiser=Recorder(), x0=x0, text=None, generator=torch.Generator().manual_seed(0), max_timestep=7)
     assert int(seen[0].max()) <= 7
+
+
+@pytest.mark.parametrize("native", ["eps", "x0", "v"])
+def test_min_snr_weights_in_each_parametrisation_also_at_zero_terminal_snr(native):
+    """Min-SNR-gamma (Hang et al. 2023): the x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR for
+    eps and min(SNR, gamma) / (SNR + 1) for v; at SNR = 0 (t = T - 1 here) the eps weight is its limit, 1."""
+    import torch
+
+    from baselines.losses import denoising_loss
+
+    seen = []
+
+    class Zero(torch.nn.Module):
+        alphas_cumprod = torch.linspace(0.999, 0.0, 64)
+
+        def alpha_sigma(self, t):
+            a = self.alphas_cumprod[t]
+            return a.sqrt(), (1 - a).sqrt()
+
+        def forward(self, z, t, text, parametrisation):
+            seen.append(t)
+            return torch.zeros_like(z)
+
+    denoiser, gamma = Zero(), 5.0
+    denoiser.native = native
+    x0 = torch.randn(512, 4, 2, 2)
+
+    def per_sample(snr_gamma):
+        g = torch.Generator().manual_seed(0)
+        return denoising_loss(denoiser=denoiser, x0=x0, text=None, generator=g, snr_gamma=snr_gamma, reduce=False)
+
+    weighted, plain = per_sample(gamma), per_sample(None)
+    t = seen[0]
+    assert torch.equal(t, seen[1]) and (t == 63).any()
+    a = denoiser.alphas_cumprod[t]
+    snr = a / (1 - a)
+    clipped = torch.minimum(snr, torch.tensor(gamma))
+    expected = {"eps": torch.where(snr > 0, clipped / snr, 1.0), "x0": clipped, "v": clipped / (snr + 1)}[native]
+    assert torch.isfinite(weighted).all()
+    torch.testing.assert_close(weighted, plain * expected)
