@@ -14,7 +14,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import encode_text
 from baselines.samplers import make_scheduler
-from baselines.train import TrainConfig
+from baselines.train import TrainConfig, read_log
 from editing import common, concepts, dreambooth, imagic, inpaint, lora, sdedit, textual_inversion
 from fewstep import cli
 
@@ -379,6 +379,24 @@ def test_dreambooth_trains_the_unet_only_and_saves_a_pipeline(tiny_folder, tmp_p
     assert len({p.split(" on a ")[1] for p in prompts}) > 10  # varied backgrounds and positions
     user = dreambooth.DreamBoothStage(source=concepts.ConceptSource(images="x", template="a photo of {}"))
     assert dreambooth.class_prompts(dataclasses.replace(user, class_noun="dog"), 2) == ["a photo of dog"] * 2
+
+
+def test_dreambooth_loss_is_the_instance_term_plus_the_weighted_prior_term(tiny_folder, tmp_path):
+    """Paper eq. 2: with the same draws, the first step's loss is L_instance + prior_weight x L_prior."""
+    first = []
+    for w in (0.0, 1.0, 2.0):
+        cfg = dreambooth.DreamBoothStage(
+            model=str(tiny_folder),
+            source=concepts.ConceptSource(num_images=2, concept=CONCEPT),
+            num_class_images=2,
+            prior_weight=w,
+            train=_quick(steps=1),
+        )
+        dreambooth.run_dreambooth(cfg, tmp_path / str(w))
+        first.append(read_log(tmp_path / str(w) / "train")[0]["loss"])
+    prior = first[1] - first[0]
+    assert prior > 0
+    assert first[2] - first[1] == pytest.approx(prior, rel=1e-4)
 
 
 def test_dreambooth_bad_bind_is_a_config_error(tiny_folder, tmp_path):
