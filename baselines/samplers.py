@@ -102,7 +102,6 @@ def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: flo
     return steps, guidance_scale, sampler
 
 
-@torch.no_grad()
 def has_multi_vector_tokens(tokenizer) -> bool:
     """Whether a textual-inversion embedding of several vectors is loaded (tokens ``<t>``, ``<t>_1``, ...):
     only then does diffusers' ``maybe_convert_prompt`` change a prompt."""
@@ -110,6 +109,7 @@ def has_multi_vector_tokens(tokenizer) -> bool:
     return any(f"{token}_1" in added for token in added)
 
 
+@torch.no_grad()
 def prompt_states(pipe, prompts: list[str]) -> torch.Tensor:
     """The pipeline's text states for ``prompts``, each distinct prompt of the call encoded once.
 
