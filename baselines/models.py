@@ -236,13 +236,17 @@ def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, info: dict,
     return folder
 
 
+CLIP_PIXELS_FILE = "fewstep_clip.json"  # marks fewstep's own CLIPs: pixels in [-1, 1], no mean/std
+
+
 def save_clip(clip: CLIPModel, tokenizer: CLIPTokenizer, folder: str | Path, *, half: bool = False) -> Path:
-    """Write a whole CLIP (vision + text) with its tokenizer, atomically."""
+    """Write a whole CLIP (vision + text) with its tokenizer and fewstep's pixel-convention marker, atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(folder)
     clip.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    (tmp / CLIP_PIXELS_FILE).write_text(json.dumps({"pixels": [-1, 1], "image_mean": None, "image_std": None}) + "\n")
     if half:
         for weights in tmp.rglob("*.safetensors"):
             _halve_safetensors(weights)

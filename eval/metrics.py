@@ -274,23 +274,37 @@ class LoadedCLIP:
 
 def load_clip_model(name: str) -> LoadedCLIP:
     """``baselines.models.load_clip`` plus the pixel convention: a folder's ``preprocessor_config.json``
-    mean/std; a hub id's from the hub cache, else OpenAI's; fewstep's embedded CLIPs ([-1, 1]) otherwise."""
+    mean/std; a hub id's from the hub cache, else OpenAI's (with a warning); fewstep's own CLIPs
+    (``shapes``, or a folder ``save_clip`` marked) take [-1, 1]. A folder with neither file is read as
+    fewstep's, with a warning: a CLIP trained elsewhere needs its ``preprocessor_config.json``."""
     import json
-    from pathlib import Path
+    import warnings
 
     clip, tokenizer = models.load_clip(name)
-    local = name == "shapes" or Path(name).exists()
-    pre = Path(name) / "preprocessor_config.json" if Path(name).exists() else None
-    if not local:
+    folder = Path(name)
+    if name == "shapes" or (folder / models.CLIP_PIXELS_FILE).is_file():
+        return LoadedCLIP(clip, tokenizer)
+    pre = folder / "preprocessor_config.json"
+    if not folder.exists():
         try:  # a hub id: the processor config sits in the hub cache beside the weights
             from huggingface_hub import hf_hub_download
 
             pre = Path(hf_hub_download(name, "preprocessor_config.json"))
-        except Exception:  # no cache entry and no network: OpenAI's constants
+        except Exception as e:
+            warnings.warn(
+                f"{name}: no preprocessor_config.json in the hub cache ({e.__class__.__name__}); "
+                "normalising pixels with OpenAI CLIP's mean/std",
+                stacklevel=2,
+            )
             return LoadedCLIP(clip, tokenizer, torch.tensor(_OPENAI_MEAN), torch.tensor(_OPENAI_STD))
-    if pre is not None and pre.is_file():
+    if pre.is_file():
         cfg = json.loads(pre.read_text())
         return LoadedCLIP(clip, tokenizer, torch.tensor(cfg["image_mean"]), torch.tensor(cfg["image_std"]))
+    warnings.warn(
+        f"{name} has neither preprocessor_config.json nor {models.CLIP_PIXELS_FILE}: reading it as a fewstep "
+        "CLIP (pixels in [-1, 1]); a CLIP trained elsewhere needs its preprocessor_config.json (image_mean/std)",
+        stacklevel=2,
+    )
     return LoadedCLIP(clip, tokenizer)
 
 

@@ -126,6 +126,28 @@ def tiny_clip():
     return LoadedCLIP(build_clip(get_preset("tiny"), tok).eval(), tok)
 
 
+def test_clip_pixel_convention_comes_from_the_folder_never_a_silent_guess(tiny_clip, tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    from baselines.models import CLIP_PIXELS_FILE, save_clip
+    from eval.metrics import load_clip_model
+
+    ours = save_clip(tiny_clip.model, tiny_clip.tokenizer, tmp_path / "ours")
+    assert (ours / CLIP_PIXELS_FILE).is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_clip_model(str(ours)).mean is None  # fewstep's: [-1, 1] as is
+    other = shutil.copytree(ours, tmp_path / "other")
+    (other / CLIP_PIXELS_FILE).unlink()
+    with pytest.warns(UserWarning, match="neither preprocessor_config.json"):
+        assert load_clip_model(str(other)).mean is None
+    (other / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2] * 3}))
+    loaded = load_clip_model(str(other))
+    assert loaded.mean.tolist() == pytest.approx([0.4, 0.5, 0.6]) and loaded.std.tolist() == pytest.approx([0.2] * 3)
+
+
 def test_clip_score_is_100_times_the_clamped_cosine(tiny_clip):
     images = data.ShapesDataset(split="heldout", resolution=16).batch(range(6))
     prompts = images["captions"][::-1]
