@@ -69,8 +69,6 @@ def test_guidance_embedding_matches_the_stock_pipeline(tiny_pipe):
 
 def test_denoising_loss_with_max_timestep_trains_only_at_low_noise():
     """``max_timestep`` bounds the drawn timesteps (inclusive) and nothing else changes."""
-    import torch
-
     from baselines.losses import denoising_loss, draw_timesteps
 
     t = draw_timesteps(4096, 1024, torch.Generator().manual_seed(0), max_timestep=100)
@@ -80,48 +78,39 @@ def test_denoising_loss_with_max_timestep_trains_only_at_low_noise():
         torch.randint(0, 1024, (64,), generator=torch.Generator().manual_seed(1)),
     )
 
-    seen = []
+    recorder = _zero_denoiser("v", 1024)
+    x0 = torch.randn(256, 4, 2, 2)
+    denoising_loss(denoiser=recorder, x0=x0, text=None, generator=torch.Generator().manual_seed(0), max_timestep=7)
+    assert int(recorder.seen[0].max()) <= 7
 
-    class Recorder(torch.nn.Module):
-        native = "v"
-        alphas_cumprod = torch.linspace(0.999, 0.0, 1024)
+
+def _zero_denoiser(native: str, num_timesteps: int) -> torch.nn.Module:
+    """A denoiser predicting zeros in ``native`` on a linear alpha-bar schedule that ends at 0 (zero terminal
+    SNR); ``seen`` records the timesteps it was called with."""
+
+    class Zero(torch.nn.Module):
+        alphas_cumprod = torch.linspace(0.999, 0.0, num_timesteps)
 
         def alpha_sigma(self, t):
             a = self.alphas_cumprod[t]
             return a.sqrt(), (1 - a).sqrt()
 
         def forward(self, z, t, text, parametrisation):
-            seen.append(t)
+            self.seen.append(t)
             return torch.zeros_like(z)
 
-    x0 = torch.randn(256, 4, 2, 2)
-    denoising_loss(denoiser=Recorder(), x0=x0, text=None, generator=torch.Generator().manual_seed(0), max_timestep=7)
-    assert int(seen[0].max()) <= 7
+    denoiser = Zero()
+    denoiser.native, denoiser.seen = native, []
+    return denoiser
 
 
 @pytest.mark.parametrize("native", ["eps", "x0", "v"])
 def test_min_snr_weights_in_each_parametrisation_also_at_zero_terminal_snr(native):
     """Min-SNR-gamma (Hang et al. 2023): the x0-space weight min(SNR, gamma) becomes min(SNR, gamma) / SNR for
     eps and min(SNR, gamma) / (SNR + 1) for v; at SNR = 0 (t = T - 1 here) the eps weight is its limit, 1."""
-    import torch
-
     from baselines.losses import denoising_loss
 
-    seen = []
-
-    class Zero(torch.nn.Module):
-        alphas_cumprod = torch.linspace(0.999, 0.0, 64)
-
-        def alpha_sigma(self, t):
-            a = self.alphas_cumprod[t]
-            return a.sqrt(), (1 - a).sqrt()
-
-        def forward(self, z, t, text, parametrisation):
-            seen.append(t)
-            return torch.zeros_like(z)
-
-    denoiser, gamma = Zero(), 5.0
-    denoiser.native = native
+    denoiser, gamma = _zero_denoiser(native, 64), 5.0
     x0 = torch.randn(512, 4, 2, 2)
 
     def per_sample(snr_gamma):
@@ -129,8 +118,8 @@ def test_min_snr_weights_in_each_parametrisation_also_at_zero_terminal_snr(nativ
         return denoising_loss(denoiser=denoiser, x0=x0, text=None, generator=g, snr_gamma=snr_gamma, reduce=False)
 
     weighted, plain = per_sample(gamma), per_sample(None)
-    t = seen[0]
-    assert torch.equal(t, seen[1]) and (t == 63).any()
+    t = denoiser.seen[0]
+    assert torch.equal(t, denoiser.seen[1]) and (t == 63).any()
     a = denoiser.alphas_cumprod[t]
     snr = a / (1 - a)
     clipped = torch.minimum(snr, torch.tensor(gamma))
