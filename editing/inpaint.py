@@ -24,7 +24,6 @@ from editing.common import (
     draw_noise,
     edit_row,
     encode_image,
-    final_alpha_cumprod_of,
     latent_mask,
     load_mask,
     model_resolution,
@@ -53,12 +52,13 @@ def inpaint_latents(
     current time after every step, and after the last step it is exactly the original latent (also
     where the schedule's final alpha-bar is not 1, as with ``set_alpha_to_one=False``)."""
     noise = draw_noise(tuple(latents.shape[1:]), seeds).to(latents)
-    acp, final = pipe.scheduler.alphas_cumprod, final_alpha_cumprod_of(pipe)
+    acp = pipe.scheduler.alphas_cumprod
 
     def replace_known(z: Tensor, t_prev: Tensor) -> Tensor:
-        alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t_prev, final_alpha_cumprod=final)
+        # after the last step (t_prev = -1) the known region is the clean latent: alpha-bar 1, whatever the
+        # schedule's own final alpha-bar
+        alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t_prev, final_alpha_cumprod=1.0)
         known = diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma)
-        known = torch.where((t_prev < 0).reshape(-1, *[1] * (z.ndim - 1)), latents, known)
         return keep * known + (1 - keep) * z
 
     return img2img(
