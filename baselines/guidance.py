@@ -117,15 +117,18 @@ def tokenize(tokenizer, prompts: list[str]) -> Tensor:
     return text_batch(tokenizer, prompts).input_ids
 
 
-@torch.no_grad()
-def encode_tokens(text_encoder: nn.Module, batch) -> Tensor:
-    """Last hidden states of a ``text_batch``; the attention mask only where the encoder's config asks
-    for it, as ``StableDiffusionPipeline.encode_prompt`` does."""
+def encode_tokens(text_encoder: nn.Module, batch, rows: Tensor | None = None) -> Tensor:
+    """Last hidden states of a ``text_batch`` (of its ``rows`` when given); the attention mask only where
+    the encoder's config asks for it, as ``StableDiffusionPipeline.encode_prompt`` does."""
     device = next(text_encoder.parameters()).device
-    mask = batch.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(batch.input_ids.to(device), attention_mask=mask)[0]
+    ids, mask = batch.input_ids, batch.attention_mask
+    if rows is not None:
+        ids, mask = ids[rows], mask[rows]
+    mask = mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(ids.to(device), attention_mask=mask)[0]
 
 
+@torch.no_grad()
 def encode_text(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
     """Text states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (padded to
     ``model_max_length``, last hidden state; no clip_skip or LoRA scale)."""

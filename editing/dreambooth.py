@@ -14,7 +14,7 @@ from torch import Tensor
 
 from baselines import data, models
 from baselines.errors import ConfigError
-from baselines.guidance import UNetDenoiser, is_guidance_conditioned, tokenize
+from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
 from baselines.samplers import generate, resolve_defaults
 from baselines.train import TrainConfig, is_main_process, train
@@ -69,7 +69,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
     phrase = cfg.identifier if cfg.source.images is None else f"{cfg.identifier} {cfg.class_noun}".strip()
     prompts = concept_prompts(cfg.source, images, list(cfg.bind), phrase)
     latents = encode_image(pipe.vae, images.pixels)
-    instance_ids = tokenize(pipe.tokenizer, prompts)
+    instance_tokens = text_batch(pipe.tokenizer, prompts)
     prior = cfg.prior_weight > 0
     if prior:
         steps, scale, _ = resolve_defaults(
@@ -80,7 +80,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
             pipe, cprompts, seeds=list(range(len(cprompts))), num_inference_steps=steps, guidance_scale=scale
         )
         class_latents = encode_image(pipe.vae, class_pixels * 2 - 1)
-        class_ids = tokenize(pipe.tokenizer, cprompts)
+        class_tokens = text_batch(pipe.tokenizer, cprompts)
     freeze(pipe)
     pipe.unet.requires_grad_(True)
     modules = {"unet": pipe.unet}
@@ -100,11 +100,11 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
 
     def loss(batch: dict, generator: torch.Generator) -> Tensor:
         idx = batch["instance"]
-        text = pipe.text_encoder(instance_ids[idx])[0]
+        text = encode_tokens(pipe.text_encoder, instance_tokens, idx)
         value = denoising_loss(denoiser=denoiser, x0=latents[idx], text=text, generator=generator, **kwargs)
         if prior:
             cidx = batch["class"]
-            ctext = pipe.text_encoder(class_ids[cidx])[0]
+            ctext = encode_tokens(pipe.text_encoder, class_tokens, cidx)
             value = value + cfg.prior_weight * denoising_loss(
                 denoiser=denoiser, x0=class_latents[cidx], text=ctext, generator=generator, **kwargs
             )

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from baselines import models
 from baselines.errors import ConfigError
-from baselines.guidance import UNetDenoiser, is_guidance_conditioned, tokenize
+from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
 from baselines.train import TrainConfig, is_main_process, train
 from editing.common import encode_image, model_resolution
@@ -93,7 +93,7 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
     if ids != list(range(first, first + len(ids))) or first + len(ids) != len(pipe.tokenizer):
         raise ConfigError("placeholder ids are not the last rows of the embedding matrix")
     latents = encode_image(pipe.vae, images.pixels)
-    input_ids = tokenize(pipe.tokenizer, prompts)
+    tokens = text_batch(pipe.tokenizer, prompts)
     freeze(pipe)
     original = pipe.text_encoder.get_input_embeddings()
     rows = NewTokenRows(original, first)
@@ -104,10 +104,10 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
 
     def batches(i: int) -> dict:
         idx = torch.arange(i * bs, (i + 1) * bs) % n
-        return {"latents": latents[idx], "input_ids": input_ids[idx]}
+        return {"latents": latents[idx], "rows": idx}
 
     def loss(batch: dict, generator: torch.Generator) -> Tensor:
-        text = pipe.text_encoder(batch["input_ids"])[0]
+        text = encode_tokens(pipe.text_encoder, tokens, batch["rows"])
         return denoising_loss(denoiser=denoiser, x0=batch["latents"], text=text, generator=generator, **kwargs)
 
     try:

@@ -489,3 +489,29 @@ def test_smoke_experiment_runs_every_editing_kind(smoke_run):
         assert all(r["method"] == stage and r["target_attributes"] and r["input_attributes"] for r in rows)
     assert (smoke_run / "textual_inversion" / textual_inversion.EMBEDS_FILE).is_file()
     models.load_pipeline(smoke_run / "dreambooth" / "model")
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "textual_inversion"])
+def test_fine_tuning_losses_use_the_attention_mask_when_the_encoder_asks(method, tiny_folder, tmp_path, monkeypatch):
+    """DreamBooth's and textual inversion's losses encode prompts as the pipeline does: with the attention mask
+    where the text encoder's config asks for it (``encode_tokens``), never the bare ids."""
+    masks, load = [], models.load_pipeline
+
+    def load_asking_for_the_mask(path, **kw):
+        pipe = load(path, **kw)
+        pipe.text_encoder.config.use_attention_mask = True
+        record = lambda module, args, kwargs: masks.append(kwargs.get("attention_mask"))  # noqa: E731
+        pipe.text_encoder.register_forward_pre_hook(record, with_kwargs=True)
+        return pipe
+
+    monkeypatch.setattr(models, "load_pipeline", load_asking_for_the_mask)
+    source = concepts.ConceptSource(num_images=2, concept=CONCEPT)
+    if method == "dreambooth":
+        cfg = dreambooth.DreamBoothStage(model=str(tiny_folder), source=source, num_class_images=2, train=_quick(2))
+        dreambooth.run_dreambooth(cfg, tmp_path)
+    else:
+        cfg = textual_inversion.TextualInversionStage(
+            model=str(tiny_folder), source=source, placeholder="<tri>", train=_quick(2)
+        )
+        textual_inversion.run_textual_inversion(cfg, tmp_path)
+    assert len(masks) >= 2 and all(m is not None for m in masks), masks
