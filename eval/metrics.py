@@ -200,22 +200,31 @@ def metric_name(extractor: str, extractors: Sequence[str] = ()) -> str:
 # ----------------------------------------------------------------------------- attribute accuracy
 
 
+def _in_batches(fn, items, batch_size: int) -> Tensor:
+    return torch.cat([fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])
+
+
 @torch.no_grad()
 def zero_shot_correct(
     clip, tokenizer, images: Tensor, attributes: list[dict], keys=data.ATTRIBUTES, batch_size: int = 256
 ) -> dict[str, list[bool]]:
     """Per image and attribute, whether CLIP picks ``attributes[i][key]`` among the captions that
-    differ from the image's caption only in that attribute."""
+    differ from the image's caption only in that attribute. Each distinct candidate caption is
+    encoded once (images share most of their alternatives)."""
+    alternatives = [{key: data.attribute_values(key, attrs) for key in keys} for attrs in attributes]
+    candidates = [
+        {key: [data.caption({**attrs, key: v}) for v in values] for key, values in alts.items()}
+        for attrs, alts in zip(attributes, alternatives)
+    ]
+    captions = list(dict.fromkeys(c for row in candidates for texts in row.values() for c in texts))
+    row_of = {c: i for i, c in enumerate(captions)}
+    text = _in_batches(lambda c: clip_text_embeds(clip, tokenize(tokenizer, c)), captions, batch_size)
+    emb = _in_batches(lambda x: clip_image_embeds(clip, x), images, batch_size)
     correct: dict[str, list[bool]] = {k: [] for k in keys}
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        emb = clip_image_embeds(clip, x)
-        for i, attrs in enumerate(attributes[start : start + batch_size]):
-            for key in keys:
-                values = data.attribute_values(key, attrs)
-                captions = [data.caption({**attrs, key: v}) for v in values]
-                text = clip_text_embeds(clip, tokenize(tokenizer, captions))
-                correct[key].append(values[int((text @ emb[i]).argmax())] == attrs[key])
+    for i, (attrs, alts, row) in enumerate(zip(attributes, alternatives, candidates)):
+        for key, values in alts.items():
+            scores = text[torch.tensor([row_of[c] for c in row[key]])] @ emb[i]
+            correct[key].append(values[int(scores.argmax())] == attrs[key])
     return correct
 
 
