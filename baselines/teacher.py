@@ -348,7 +348,8 @@ def cfg_training_loss(
         mean, std = batch["mean"], batch["std"]
         x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
         drop = torch.rand(x0.shape[0], generator=generator) < cond_dropout
-        text = torch.where(drop[:, None, None], null_text.expand_as(batch["text"]), batch["text"])
+        text = batch["text"]
+        text = torch.where(drop[:, None, None].to(text.device), null_text.to(text).expand_as(text), text)
         device = next(denoiser.parameters()).device
         return denoising_loss(
             denoiser=denoiser,
@@ -367,7 +368,10 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
     preset = models.get_preset(cfg.preset)
-    vae = AutoencoderKL.from_pretrained(cfg.vae, use_safetensors=True).eval().requires_grad_(False)
+    try:
+        vae = AutoencoderKL.from_pretrained(cfg.vae, use_safetensors=True).eval().requires_grad_(False)
+    except OSError as e:
+        raise FewstepError(f"vae {cfg.vae!r}: not an AutoencoderKL folder ({str(e).splitlines()[0]})") from None
     clip, tokenizer = models.load_clip(cfg.clip)
     text_encoder = models.text_encoder_from_clip(clip).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)

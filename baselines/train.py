@@ -46,7 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float | None = 1.0
     ema_decay: float | None = None  # the returned and saved weights are the EMA ones when set
-    mixed_precision: str = "no"  # no | bf16 | fp16 (bf16 is ~12x slower on this CPU)
+    mixed_precision: str = "no"  # no | bf16: autocast of the loss (bf16 is ~12x slower on this CPU)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -60,6 +60,18 @@ class TrainConfig:
             raise ConfigError(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ConfigError(
+                "train.checkpoint_every, train.log_every and train.keep_checkpoints must be >= 1"
+                " (a checkpoint and a log row are also written at the last step)"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(
+                f"train.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}"
+                " (fp16 would need loss scaling, which the loop does not do)"
+            )
 
 
 def process_group() -> tuple[int, int]:
@@ -68,6 +80,12 @@ def process_group() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def stage_device(accelerator: Accelerator | None) -> torch.device:
+    """Where a stage loads its models: the accelerator's device (a GPU under accelerate), else the CPU. The
+    training loop moves only the trained modules; frozen teachers, VAEs and text encoders load here."""
+    return accelerator.device if accelerator is not None else torch.device("cpu")
 
 
 def is_main_process() -> bool:
@@ -143,7 +161,7 @@ def train(
     """Train the parameters of ``modules`` that require grad to minimise ``loss``; returns the
     modules (holding the EMA weights when ``config.ema_decay`` is set)."""
     out_dir = Path(out_dir)
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or Accelerator()  # the config's precision is applied below, per loss call
     rank, world = process_group()
     for m in modules.values():
         m.to(accelerator.device).train()
@@ -167,6 +185,9 @@ def train(
     existing = _checkpoints(out_dir)
     if config.resume == "auto" and existing:
         start = _load_checkpoint(existing[-1], params, ema, optimizer)
+    elif existing and rank == 0:  # resume: never starts afresh; an earlier run's checkpoints would collide
+        shutil.rmtree(out_dir / "checkpoints")
+    barrier()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
@@ -174,6 +195,9 @@ def train(
     if log:
         log.write(json.dumps({"event": "resume" if start else "start", "step": start, "world_size": world}) + "\n")
 
+    autocast = torch.autocast(
+        accelerator.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
+    )  # from this config, not the accelerator's: under ``fewstep run`` one accelerator serves every stage
     bar = tqdm(total=config.steps, initial=start, desc=desc, disable=rank != 0, dynamic_ncols=True)
     running, t0 = [], time.time()
     for step in range(start, config.steps):
@@ -183,7 +207,7 @@ def train(
         for micro in range(config.grad_accum):
             index = (step * config.grad_accum + micro) * world + rank
             batch = batches(index)
-            with accelerator.autocast():
+            with autocast:
                 value = loss(batch, _generator(config, step, micro, rank)) / config.grad_accum
             value.backward()
             total += value.item()

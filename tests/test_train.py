@@ -100,3 +100,79 @@ def test_lr_schedule():
     assert lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 55) == pytest.approx(0.5)
     assert lr_at(cfg, 100) == pytest.approx(0.0)
+
+
+def test_resume_with_ema_and_gradient_accumulation_gives_the_uninterrupted_weights(tmp_path):
+    """The EMA weights (what ``train`` returns) and accumulated micro-batches resume exactly too."""
+    cfg = _cfg(ema_decay=0.8, grad_accum=2)
+    straight = _toy()
+    train(loss=_loss_for(straight), modules={"m": straight}, batches=_batches, config=cfg, out_dir=tmp_path / "a")
+    crashed = _toy()
+    with pytest.raises(RuntimeError, match="simulated crash"):  # call 10: step 5's second micro-batch
+        train(
+            loss=_loss_for(crashed, crash_at=10),
+            modules={"m": crashed},
+            batches=_batches,
+            config=cfg,
+            out_dir=tmp_path / "b",
+        )
+    resumed = _toy(seed=123)
+    train(loss=_loss_for(resumed), modules={"m": resumed}, batches=_batches, config=cfg, out_dir=tmp_path / "b")
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_resume_never_starts_afresh_over_an_earlier_run(tmp_path):
+    """``resume: never`` in a folder holding another run's checkpoints trains from the given weights and keeps
+    only its own checkpoints (before: it collided with the earlier ``step-N`` folders)."""
+    first = _toy(seed=1)
+    train(loss=_loss_for(first), modules={"m": first}, batches=_batches, config=_cfg(steps=8), out_dir=tmp_path / "a")
+    fresh, again = _toy(), _toy()
+    train(loss=_loss_for(fresh), modules={"m": fresh}, batches=_batches, config=_cfg(), out_dir=tmp_path / "b")
+    never = _cfg(resume="never")
+    train(loss=_loss_for(again), modules={"m": again}, batches=_batches, config=never, out_dir=tmp_path / "a")
+    for p, q in zip(fresh.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    assert [p.name for p in sorted((tmp_path / "a" / "checkpoints").iterdir())] == ["step-00000004", "step-00000006"]
+
+
+def test_mixed_precision_comes_from_the_train_config_under_a_shared_accelerator(tmp_path):
+    """``fewstep run`` passes one ``Accelerator()`` to every stage; a stage's ``mixed_precision: bf16`` still
+    autocasts its loss (before: the shared accelerator's "no" won and the setting did nothing)."""
+    from accelerate import Accelerator
+
+    seen = []
+    model = _toy()
+
+    def loss(batch, generator):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return model(batch["x"]).float().pow(2).mean()
+
+    for precision in ("bf16", "no"):
+        config = _cfg(steps=1, mixed_precision=precision)
+        train(
+            loss=loss,
+            modules={"m": model},
+            batches=_batches,
+            config=config,
+            out_dir=tmp_path / precision,
+            accelerator=Accelerator(),
+        )
+    assert seen == [torch.bfloat16, None]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(checkpoint_every=0),
+        dict(log_every=0),
+        dict(keep_checkpoints=0),
+        dict(ema_decay=1.0),
+        dict(mixed_precision="fp16"),
+    ],
+)
+def test_bad_train_configs_are_config_errors(bad):
+    from baselines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        _cfg(**bad)
