@@ -32,11 +32,12 @@ def _bcast(c: Tensor, like: Tensor) -> Tensor:
 
 def alpha_sigma(*, alphas_cumprod: Tensor, t: Tensor, final_alpha_cumprod: float = 1.0) -> tuple[Tensor, Tensor]:
     """alpha_t and sigma_t for integer timesteps t; t < 0 means "after the last step" (the
-    scheduler's ``final_alpha_cumprod``, 1.0 with ``set_alpha_to_one``)."""
+    scheduler's ``final_alpha_cumprod``, 1.0 with ``set_alpha_to_one``). Computed in float64 on the CPU and
+    returned on t's device, wherever the schedule's table lives."""
     t = torch.as_tensor(t)
-    acp = alphas_cumprod.to(torch.float64)[t.clamp(min=0).cpu()]
+    acp = alphas_cumprod.detach().to("cpu", torch.float64)[t.clamp(min=0).cpu()]
     acp = torch.where(t.cpu() < 0, torch.as_tensor(final_alpha_cumprod, dtype=torch.float64), acp)
-    return acp.sqrt().float(), (1 - acp).clamp(min=0).sqrt().float()
+    return acp.sqrt().float().to(t.device), (1 - acp).clamp(min=0).sqrt().float().to(t.device)
 
 
 def snr(*, alpha: Tensor, sigma: Tensor) -> Tensor:

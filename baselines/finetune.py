@@ -19,7 +19,7 @@ from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser
 from baselines.teacher import _final_loss, cache_latents, cfg_training_loss
-from baselines.train import TrainConfig, is_main_process, train
+from baselines.train import TrainConfig, is_main_process, stage_device, train
 
 
 @dataclass
@@ -43,7 +43,7 @@ def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None)
     """Fine-tune the U-Net and save the whole pipeline (other components unchanged) to ``<out>/model``."""
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
-    pipe = models.load_pipeline(cfg.model)
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     T = pipe.scheduler.config.num_train_timesteps
     if cfg.max_timestep is not None and not 0 <= cfg.max_timestep < T:
         raise ConfigError(f"max_timestep must be in [0, {T}), got {cfg.max_timestep}")

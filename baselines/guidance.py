@@ -21,7 +21,7 @@ def get_guidance_scale_embedding(w: Tensor, embedding_dim: int, dtype: torch.dty
     w = w * 1000.0
     half_dim = embedding_dim // 2
     emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
-    emb = torch.exp(torch.arange(half_dim, dtype=dtype) * -emb)
+    emb = torch.exp(torch.arange(half_dim, dtype=dtype, device=w.device) * -emb)
     emb = w.to(dtype)[:, None] * emb[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if embedding_dim % 2 == 1:

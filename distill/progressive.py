@@ -24,7 +24,7 @@ from baselines.errors import ConfigError
 from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss
 from baselines.samplers import ddim_step_with
-from baselines.train import TrainConfig, barrier, is_main_process, train
+from baselines.train import TrainConfig, barrier, is_main_process, stage_device, train
 from distill import student as students
 from distill.data import PoolConfig, pool_batches, teacher_pool
 
@@ -101,7 +101,7 @@ def _guidance_setup(cfg: ProgressiveStage, teacher_unet, info: dict) -> tuple[tu
 def run_progressive(cfg: ProgressiveStage, out: Path, accelerator=None) -> None:
     """Run every round; each round's student is saved as ``<out>/progressive-<N>step/`` and
     ``<out>/model`` links the last. Finished rounds are loaded instead of retrained."""
-    teacher_pipe = models.load_pipeline(cfg.teacher)
+    teacher_pipe = models.load_pipeline(cfg.teacher, device=stage_device(accelerator))
     info = models.read_info(cfg.teacher)
     scheduler = students.student_scheduler(dict(teacher_pipe.scheduler.config), parametrisation=cfg.parametrisation)
     T = scheduler.config.num_train_timesteps

@@ -17,7 +17,7 @@ from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
 from baselines.samplers import generate, resolve_defaults
-from baselines.train import TrainConfig, is_main_process, train
+from baselines.train import TrainConfig, is_main_process, stage_device, train
 from editing.common import encode_image, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
@@ -63,7 +63,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
     if cfg.source.images is None and (not cfg.bind or not set(cfg.bind) <= set(cfg.source.concept)):
         raise ConfigError(f"bind {list(cfg.bind)} must name attributes of the concept {dict(cfg.source.concept)}")
     concept_images(cfg.source, 8)  # bad images or concept fail before any model is loaded
-    pipe = models.load_pipeline(cfg.model)
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     info = models.read_info(cfg.model)
     images = concept_images(cfg.source, model_resolution(pipe))
     phrase = cfg.identifier if cfg.source.images is None else f"{cfg.identifier} {cfg.class_noun}".strip()

@@ -19,7 +19,7 @@ from baselines import models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
-from baselines.train import TrainConfig, is_main_process, train
+from baselines.train import TrainConfig, is_main_process, stage_device, train
 from editing.common import encode_image, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
@@ -130,7 +130,7 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
 def run_textual_inversion(cfg: TextualInversionStage, out: Path, accelerator=None) -> dict[str, Tensor]:
     """Learn the embeddings and write ``<out>/learned_embeds.safetensors`` plus ``<out>/info.json``."""
     concept_images(cfg.source, 8)  # bad images or concept fail before any model is loaded
-    pipe = models.load_pipeline(cfg.model)
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     learned = learn_embeddings(pipe, cfg, out / "train", accelerator=accelerator)
     if is_main_process():
         save_file(learned, out / EMBEDS_FILE)

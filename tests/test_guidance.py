@@ -67,6 +67,13 @@ def test_guidance_embedding_matches_the_stock_pipeline(tiny_pipe):
     torch.testing.assert_close(ours, theirs)
 
 
+def test_guidance_embedding_is_built_on_the_device_of_w():
+    """A student on a GPU is fed the embedding of its own w: no CPU tensor meets it (checked on the meta
+    device, which refuses to mix with the CPU as CUDA does)."""
+    emb = get_guidance_scale_embedding(torch.tensor([2.0, 3.0], device="meta"), 8)
+    assert emb.device.type == "meta" and emb.shape == (2, 8)
+
+
 def test_denoising_loss_with_max_timestep_trains_only_at_low_noise():
     """``max_timestep`` bounds the drawn timesteps (inclusive) and nothing else changes."""
     from baselines.losses import denoising_loss, draw_timesteps
