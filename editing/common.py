@@ -174,19 +174,24 @@ def ddim_partial(
     text: Tensor,
     callback: StepCallback | None = None,
     progress: bool = False,
+    pure_noise: bool = False,
     **denoiser_kwargs,
 ) -> Tensor:
     """The one editing sampler: noise ``x0`` to grid point ``timesteps[start]`` (SDEdit, Meng et al.
     2022), then deterministic DDIM steps (Song et al. 2021, eq. 12) along the rest of the grid.
     ``callback(z, t_prev)`` may rewrite the latent after each step (inpainting). ``start ==
-    len(timesteps)`` runs no step and returns ``x0``; at zero terminal SNR, ``start == 0`` begins
-    from pure noise."""
+    len(timesteps)`` runs no step and returns ``x0``. At ``start == 0`` with ``pure_noise``, z begins as the
+    noise itself, as diffusers' text-to-image and inpainting (at full strength) pipelines begin (DDIM's
+    ``init_noise_sigma`` is 1); without it, as its img2img does, from alpha_T x0 + sigma_T eps, which keeps a
+    trace of x0 unless the schedule has zero terminal SNR (there the two are the same)."""
     if start >= len(timesteps):
         return x0
     acp = alphas_cumprod
-    t0 = timesteps[start].expand(x0.shape[0])
-    alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=t0)
-    z = diffusion.diffuse(x0=x0, eps=noise.to(x0), alpha=alpha, sigma=sigma)
+    if start == 0 and pure_noise:
+        z = noise.to(x0)
+    else:
+        alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=acp, t=timesteps[start].expand(x0.shape[0]))
+        z = diffusion.diffuse(x0=x0, eps=noise.to(x0), alpha=alpha, sigma=sigma)
 
     def alpha_sigma(t):
         return diffusion.alpha_sigma(alphas_cumprod=acp, t=t, final_alpha_cumprod=final_alpha_cumprod)

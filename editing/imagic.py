@@ -29,7 +29,7 @@ from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.losses import denoising_loss
 from baselines.samplers import resolve_defaults
-from baselines.train import TrainConfig, is_main_process, train
+from baselines.train import TrainConfig, is_main_process, stage_device, train
 from editing.common import (
     EditSource,
     Timer,
@@ -147,6 +147,7 @@ def sample_etas(pipe, e_tgt: Tensor, e_opt: Tensor, etas: list[float], *, steps:
             steps=steps,
             guidance_scale=guidance_scale,
             seeds=[seed],
+            pure_noise=True,
         )
         images.append(decode_latents(pipe.vae, latents)[0])
     return torch.stack(images)
@@ -196,16 +197,16 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
     if not cfg.etas:
         raise ConfigError("etas is empty: give at least one eta (Imagic sweeps 0..1)")
     preflight(cfg.source)
-    parent = models.load_pipeline(cfg.model)
+    parent = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     info = models.read_info(cfg.model)
     steps, scale, _ = resolve_defaults(parent, info, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim")
-    student = _load_student(cfg) if cfg.student else None
+    student = _load_student(cfg, stage_device(accelerator)) if cfg.student else None
     # every input starts from the same weights: the model's, as loaded
     base = {n: v.clone() for n, v in parent.unet.state_dict().items()} if student else None
     inputs = resolve_inputs(cfg.source, model_resolution(parent))
     rows = []
     for k, item in enumerate(inputs):
-        pipe = parent if k == 0 else models.load_pipeline(cfg.model)
+        pipe = parent if k == 0 else models.load_pipeline(cfg.model, device=stage_device(accelerator))
         folder = out / item.name
         latents = encode_image(pipe.vae, item.pixels[None])
         e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [item.prompt])
@@ -286,11 +287,12 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
     return rows
 
 
-def _load_student(cfg: ImagicStage):
-    """The stage-C student, its info, steps, guidance scale and original U-Net weights."""
-    pipe = models.load_pipeline(cfg.student)
+def _load_student(cfg: ImagicStage, device: torch.device):
+    """The stage-C student, its info, steps, guidance scale and original U-Net weights. A guidance-conditioned
+    student takes the stage's ``guidance_scale`` as its input; any other student (a progressive student of a CFG
+    teacher has the teacher's guidance built in) samples at its own recommended scale, never CFG on top."""
+    pipe = models.load_pipeline(cfg.student, device=device)
     info = models.read_info(cfg.student)
-    steps, scale, _ = resolve_defaults(
-        pipe, info, steps=cfg.student_steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
-    )
+    scale = cfg.guidance_scale if is_guidance_conditioned(pipe.unet) else None
+    steps, scale, _ = resolve_defaults(pipe, info, steps=cfg.student_steps, guidance_scale=scale, sampler="ddim")
     return pipe, info, steps, scale, {n: v.clone() for n, v in pipe.unet.state_dict().items()}

@@ -71,6 +71,7 @@ def inpaint_latents(
         seeds=seeds,
         callback=replace_known,
         noise=noise,
+        pure_noise=True,  # at full strength the hole starts from noise alone, as diffusers' inpainting does
     )
 
 

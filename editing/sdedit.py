@@ -74,9 +74,11 @@ def img2img(
     seeds: list[int],
     callback: StepCallback | None = None,
     noise: Tensor | None = None,
+    pure_noise: bool = False,
 ) -> Tensor:
     """Edited latents: ``latents`` noised to grid point ``start_index(steps, strength)`` with one
-    generator per image (``seeds[i]``), then DDIM over the rest of the pipeline's grid."""
+    generator per image (``seeds[i]``), then DDIM over the rest of the pipeline's grid. ``pure_noise``:
+    at strength 1 begin from the noise alone (``ddim_partial``)."""
     grid = timestep_grid(pipe.scheduler.config, steps)
     start = start_index(steps, strength)
     if noise is None:
@@ -92,6 +94,7 @@ def img2img(
         start=start,
         text=text.to(latents),
         callback=callback,
+        pure_noise=pure_noise,
         **kwargs,
     )
 

@@ -106,14 +106,31 @@ def test_sdedit_strength_one_starts_from_pure_noise_at_the_first_grid_point(tiny
     torch.testing.assert_close(calls[0][0], diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma))
 
 
-def test_img2img_at_strength_one_is_the_stock_ddim_pipeline(tiny_pipe):
-    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT])
-    h = tiny_pipe.unet.config.sample_size
-    ours = sdedit.img2img(
-        tiny_pipe, torch.zeros(1, 4, h, h), text, strength=1.0, steps=4, guidance_scale=3.0, seeds=[11]
+SD_LIKE_DDIM = dict(  # Stable Diffusion 1.x's schedule: alpha-bar at the first grid point is not 0
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    timestep_spacing="leading",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    rescale_betas_zero_snr=False,
+)
+
+
+@pytest.mark.parametrize("schedule", [{}, SD_LIKE_DDIM], ids=["zero-terminal-snr", "sd-1.x"])
+def test_img2img_at_strength_one_is_the_stock_ddim_pipeline(tiny_pipe, schedule):
+    """From pure noise at strength 1 (``pure_noise``: Imagic's stage C, inpainting at full strength) the editing
+    sampler is the stock text-to-image DDIM pipeline, also on a schedule without zero terminal SNR."""
+    pipe = StableDiffusionPipeline(
+        **{**tiny_pipe.components, "scheduler": make_scheduler("ddim", tiny_pipe.scheduler.config)}
     )
-    tiny_pipe.scheduler = make_scheduler("ddim", tiny_pipe.scheduler.config)
-    stock = tiny_pipe(
+    pipe.scheduler = make_scheduler("ddim", {**pipe.scheduler.config, **schedule})
+    text = encode_text(pipe.tokenizer, pipe.text_encoder, [PROMPT])
+    h = pipe.unet.config.sample_size
+    zeros = torch.zeros(1, 4, h, h)
+    ours = sdedit.img2img(pipe, zeros, text, strength=1.0, steps=4, guidance_scale=3.0, seeds=[11], pure_noise=True)
+    stock = pipe(
         PROMPT,
         num_inference_steps=4,
         guidance_scale=3.0,
@@ -121,6 +138,8 @@ def test_img2img_at_strength_one_is_the_stock_ddim_pipeline(tiny_pipe):
         output_type="latent",
     ).images
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-4)
+    img2img = sdedit.img2img(pipe, zeros + 1, text, strength=1.0, steps=4, guidance_scale=3.0, seeds=[11])
+    assert torch.equal(img2img, ours) == (not schedule)  # without pure_noise alpha_T x0 stays, as in img2img
 
 
 # ----------------------------------------------------------------------------- inpainting
@@ -285,6 +304,27 @@ def test_few_step_imagic_carries_stage_b_weight_change_onto_the_student(tiny_fol
     wrong = {k: v[..., :1] for k, v in base.items()}
     with pytest.raises(ConfigError, match="distil it from that model"):
         lora.add_weight_change(student.unet, tuned=wrong, base=wrong, scale=1.0)
+
+
+def test_few_step_imagic_samples_a_plain_student_at_its_own_scale(tiny_folder, tmp_path):
+    """A student with the teacher's guidance built in (a progressive student of a CFG teacher) is not wrapped in
+    CFG again at the stage's guidance scale: one U-Net evaluation per step."""
+    student = models.load_pipeline(tiny_folder)
+    info = {"method": "progressive", "recommended": {"num_inference_steps": 2, "guidance_scale": 1.0}}
+    models.save_pipeline(student, tmp_path / "student", info)
+    cfg = imagic.ImagicStage(
+        model=str(tiny_folder),
+        student=str(tmp_path / "student"),
+        source=common.EditSource(num_inputs=1, change={"colour": "green"}),
+        etas=[1.0],
+        steps=3,
+        guidance_scale=3.0,
+        embedding=_quick(),
+        finetune=_quick(),
+    )
+    teacher_row, student_row = imagic.run_imagic(cfg, tmp_path / "run")
+    assert (teacher_row["steps"], teacher_row["nfe"]) == (3, 6)  # CFG at s = 3
+    assert (student_row["steps"], student_row["nfe"]) == (2, 2)  # before: 4, CFG at s = 3 on the student too
 
 
 def test_yaml_change_and_concept_replace_rather_than_merge_with_defaults():
