@@ -20,7 +20,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss, draw_timesteps
-from baselines.train import TrainConfig, is_main_process, train
+from baselines.train import TrainConfig, is_main_process, stage_device, train
 from distill import student as students
 from distill.data import PoolConfig, pool_batches, teacher_pool
 
@@ -34,7 +34,7 @@ class GuidanceStage:
     guidance_range: list[float] = field(default_factory=lambda: [1.0, 8.0])
     embedding_dim: int = 256  # time_cond_proj_dim of the student U-Net
     recommended_steps: int | None = None  # default: the teacher's
-    recommended_guidance_scale: float | None = None  # default: the teacher's
+    recommended_guidance_scale: float | None = None  # default: the teacher's, within guidance_range
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-4, checkpoint_every=100))
     seed: int = 0
@@ -44,11 +44,17 @@ class GuidanceStage:
             raise ConfigError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi, got {self.guidance_range}")
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ConfigError(f"embedding_dim must be even and >= 2, got {self.embedding_dim}")
+        lo, hi = self.guidance_range
+        if self.recommended_guidance_scale is not None and not lo <= self.recommended_guidance_scale <= hi:
+            raise ConfigError(
+                f"recommended_guidance_scale {self.recommended_guidance_scale} is outside guidance_range [{lo}, {hi}]:"
+                " the student is not trained there"
+            )
 
 
 def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     """Train the guidance-conditioned student and save it as ``<out>/model``."""
-    teacher_pipe = models.load_pipeline(cfg.teacher)
+    teacher_pipe = models.load_pipeline(cfg.teacher, device=stage_device(accelerator))
     if is_guidance_conditioned(teacher_pipe.unet):
         raise ConfigError(f"teacher {cfg.teacher} is already guidance-conditioned; give the CFG teacher")
     info = models.read_info(cfg.teacher)
@@ -90,7 +96,8 @@ def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     )
     if is_main_process():
         rec = info.get("recommended", {})
-        scale = cfg.recommended_guidance_scale or rec.get("guidance_scale", min(max(7.5, lo), hi))
+        # the teacher's scale (Stable Diffusion's 7.5 when it records none), clamped to the trained range
+        scale = cfg.recommended_guidance_scale or min(max(rec.get("guidance_scale", 7.5), lo), hi)
         students.save_student(
             teacher_pipe,
             student.unet,

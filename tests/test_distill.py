@@ -272,6 +272,27 @@ def test_guidance_then_progressive_chain(pipes, tmp_path):
     assert models.load_pipeline(tmp_path / "prog" / "model").unet.config.time_cond_proj_dim == 8
 
 
+def test_guidance_student_recommends_a_scale_it_was_trained_at(pipes, tmp_path):
+    """A teacher's recommended scale outside ``guidance_range`` (Stable Diffusion's 7.5, range [1, 5]) is clamped
+    into it; an explicit one outside it is a config error."""
+    from baselines.errors import ConfigError
+
+    teacher = _save(pipes["v"], tmp_path / "teacher", {"recommended": {"guidance_scale": 7.5}})
+    stage = GuidanceStage(
+        teacher=str(teacher),
+        guidance_range=[1.0, 5.0],
+        embedding_dim=8,
+        pool=PoolConfig(size=8, steps=2, batch_size=8),
+        train=_train(),
+    )
+    run_guidance(stage, tmp_path / "guide")
+    assert (
+        json.loads((tmp_path / "guide" / "model" / "fewstep.json").read_text())["recommended"]["guidance_scale"] == 5.0
+    )
+    with pytest.raises(ConfigError, match="outside guidance_range"):
+        GuidanceStage(teacher="x", guidance_range=[1.0, 5.0], recommended_guidance_scale=7.5)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
