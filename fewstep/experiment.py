@@ -83,6 +83,7 @@ class PlannedStage:
     output: Path
     hash: str  # config + preset sizes + the hashes of the stages it reads
     own_hash: str = ""  # config + preset sizes only: equal to the stored one when only an input changed
+    reads: tuple[str, ...] = ()  # names of the earlier stages whose output it reads
 
 
 def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
@@ -106,9 +107,9 @@ def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _reads(config: object, earlier: list[PlannedStage]) -> list[str]:
-    """Hashes of the earlier stages whose output folder (or a path inside it) ``config`` names, also
-    after a scheme prefix such as ``embedded:``."""
+def _reads(config: object, earlier: list[PlannedStage]) -> list[PlannedStage]:
+    """The earlier stages whose output folder (or a path inside it) ``config`` names, also after a scheme
+    prefix such as ``embedded:``."""
 
     def strings(x):
         if isinstance(x, dict):
@@ -118,7 +119,7 @@ def _reads(config: object, earlier: list[PlannedStage]) -> list[str]:
         return [x] if isinstance(x, str) else []
 
     named = strings(asdict(config))
-    return [p.hash for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
+    return [p for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
 
 
 def _first_line(e: Exception) -> str:
@@ -174,10 +175,11 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         except FewstepError as e:
             raise ConfigError(f"stages.{name}: {e}") from None
         try:
-            digest, own = config_hash(config, _reads(config, planned)), config_hash(config)
+            reads = _reads(config, planned)
+            digest, own = config_hash(config, [p.hash for p in reads]), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
-        planned.append(PlannedStage(name, kind, config, output, digest, own))
+        planned.append(PlannedStage(name, kind, config, output, digest, own, tuple(p.name for p in reads)))
     return planned
 
 
@@ -195,15 +197,18 @@ def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> Non
     tmp.replace(output / "stage.json")
 
 
-def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False) -> str:
+def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, rerun: Sequence[str] = ()) -> str:
     """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
-    this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads has changed since:
-    rerun) or ``conflict`` (made with another config of its own: replace only with ``--force``)."""
+    this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads has changed since, or
+    runs again in this invocation (``rerun``): rerun) or ``conflict`` (made with another config of its
+    own: replace only with ``--force``)."""
     if forced:
         return "force"
     if not state:
         return "new"
     if state.get("hash") == stage.hash:
+        if set(stage.reads) & set(rerun):
+            return "stale"
         return "done" if state.get("status") == "done" else "resume"
     return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
 
@@ -225,8 +230,11 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
     states = {s.name: _read_state(s.output) for s in stages}
     if dry_run:
+        rerun: set[str] = set()
         for s in stages:
-            status = stage_status(s, states[s.name], forced=s.name in force)
+            status = stage_status(s, states[s.name], forced=s.name in force, rerun=rerun)
+            if status != "done":
+                rerun.add(s.name)
             label = {"new": "to run", "resume": "to resume", "stale": "to rerun: an input changed"}.get(status, status)
             log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
@@ -243,17 +251,19 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     main = rank == 0
     accelerator = Accelerator()
     registry = _registry()
+    ran: set[str] = set()  # stages run in this invocation: the stages reading them run again too
     for s in stages:
         state = _read_state(s.output)
-        status = stage_status(s, state, forced=s.name in force)
+        status = stage_status(s, state, forced=s.name in force, rerun=ran)
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
         if status == "conflict":  # appeared since the check above (another process)
             raise _conflict(s, state)
+        ran.add(s.name)
         if status in ("force", "stale") and main and s.output.exists():
             if status == "stale":
-                log(f"[rerun] {s.name}: a stage it reads has changed")
+                log(f"[rerun] {s.name}: a stage it reads has changed or runs again")
             shutil.rmtree(s.output)
         barrier()
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")

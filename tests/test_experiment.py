@@ -152,3 +152,6 @@ def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_any
         "[to rerun: an input changed",
         "[done",
     ]
+    lines = run("stages.a.value=1", force=["a"])  # the same config forced (after a code change): b reruns too
+    assert ran.read_text().split() == ["a", "b", "c", "a", "b", "a", "b"]
+    assert any(line.startswith("[rerun] b") for line in lines) and any(line.startswith("[skip] c") for line in lines)
