@@ -122,6 +122,20 @@ def _reads(config: object, earlier: list[PlannedStage]) -> list[PlannedStage]:
     return [p for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
 
 
+SHIPPED_NAMES = ("shapes", "embedded")  # a model or extractor name that means the shipped embedded models
+MODEL_KEYS = ("model", "teacher", "student", "clip", "vae", "path", "extractor", "extractors")
+
+
+def _names_shipped(x, key: str = "") -> bool:
+    """Whether a config names the shipped models under a model key (``model: shapes``, ``clip: shapes``, the
+    ``embedded`` extractor); ``preset: shapes`` and ``dataset: shapes`` name sizes and data, not weights."""
+    if isinstance(x, dict):
+        return any(_names_shipped(v, k) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return any(_names_shipped(v, key) for v in x)
+    return key in MODEL_KEYS and isinstance(x, str) and x in SHIPPED_NAMES
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
 
@@ -176,7 +190,10 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             raise ConfigError(f"stages.{name}: {e}") from None
         try:
             reads = _reads(config, planned)
-            digest, own = config_hash(config, [p.hash for p in reads]), config_hash(config)
+            inputs = [p.hash for p in reads]
+            if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
+                inputs.append(f"shipped:{models.shipped_identity()}")
+            digest, own = config_hash(config, inputs), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
         planned.append(PlannedStage(name, kind, config, output, digest, own, tuple(p.name for p in reads)))

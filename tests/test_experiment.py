@@ -101,12 +101,36 @@ class _Counted:
     kind: str = "counted"
     value: int = 0
     reads: str = ""
+    model: str = ""
 
 
 def _run_counted(cfg: _Counted, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out.parent / "ran.txt").open("a") as f:
         f.write(out.name + "\n")
+
+
+def test_a_stage_naming_the_shipped_models_reruns_when_they_change(tmp_path, monkeypatch):
+    """``model: shapes`` (or ``clip: shapes``, the ``embedded`` extractor) names whatever is shipped: new shipped
+    weights change the stage's inputs and it reruns by itself; ``preset: shapes`` names sizes and does not."""
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Counted, _run_counted)})
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: t\nstages:\n  a: {kind: counted}\n  b: {kind: counted, model: shapes}\n")
+    ran = tmp_path / "runs" / "ran.txt"
+
+    def run():
+        lines = []
+        experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lines.append)
+        return lines
+
+    run()
+    run()
+    assert ran.read_text().split() == ["a", "b"]
+    monkeypatch.setattr(experiment.models, "shipped_identity", lambda: "new-weights")
+    lines = run()
+    assert ran.read_text().split() == ["a", "b", "b"] and any(line.startswith("[rerun] b") for line in lines)
+    assert not experiment._names_shipped({"preset": "shapes", "dataset": "shapes", "extractor": "embedded:/x/clip"})
+    assert experiment._names_shipped({"extractors": ["embedded"]}) and experiment._names_shipped({"clip": "shapes"})
 
 
 def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_anything_runs(tmp_path, monkeypatch):
