@@ -7,6 +7,7 @@ CLIPModel + tokenizer, StableDiffusionPipeline + fewstep.json) and trains throug
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -295,8 +296,11 @@ def _encode_latents(vae: AutoencoderKL, dataset, n: int, cache: Path, batch_size
         captions += batch["captions"]
     cache.mkdir(parents=True, exist_ok=True)
     result = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
-    save_file(result, tensors)
-    captions_file.write_text(json.dumps(captions))
+    # each file written whole then renamed, the captions last: a run killed mid-write re-encodes next time
+    save_file(result, cache / ".latents.tmp")
+    os.replace(cache / ".latents.tmp", tensors)
+    (cache / ".captions.tmp").write_text(json.dumps(captions))
+    os.replace(cache / ".captions.tmp", captions_file)
     return {**result, "captions": captions}
 
 

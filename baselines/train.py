@@ -263,8 +263,10 @@ def train(
 
 
 def read_log(out_dir: str | Path) -> list[dict]:
-    """The loss rows of a training log (resume markers dropped)."""
+    """The loss rows of a training log, one per logged step (resume markers dropped; a resumed run logs again
+    the steps after its last checkpoint, and the rerun's row is the one kept)."""
     path = Path(out_dir) / "log.jsonl"
     if not path.is_file():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    latest = {r["step"]: r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+    return [latest[step] for step in sorted(latest)]

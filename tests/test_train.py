@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from baselines.train import TrainConfig, lr_at, train
+from baselines.train import TrainConfig, lr_at, read_log, train
 
 
 def _toy(seed=0):
@@ -176,3 +176,21 @@ def test_bad_train_configs_are_config_errors(bad):
 
     with pytest.raises(ConfigError, match=next(iter(bad))):
         _cfg(**bad)
+
+
+def test_the_log_of_a_resumed_run_has_one_row_per_step(tmp_path):
+    """A crash at step 3 (checkpoint at 2) logs step 3 twice: ``read_log`` keeps the resumed run's row."""
+    crashed = _toy()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            loss=_loss_for(crashed, crash_at=4),
+            modules={"m": crashed},
+            batches=_batches,
+            config=_cfg(),
+            out_dir=tmp_path,
+        )
+    resumed = _toy()
+    train(loss=_loss_for(resumed), modules={"m": resumed}, batches=_batches, config=_cfg(), out_dir=tmp_path)
+    raw = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert raw.count(3) == 2  # the file keeps both
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
