@@ -23,7 +23,7 @@ from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import is_guidance_conditioned
 from baselines.samplers import generate, resolve_defaults, unet_evaluations
-from baselines.train import is_main_process
+from baselines.train import is_main_process, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
 from eval.sweep import append_row, read_rows
@@ -106,9 +106,9 @@ def _entry_hash(cfg: AttributeEvalStage, entry: AttributeEntry) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_entry_pipeline(entry: AttributeEntry):
-    """The entry's pipeline, with its textual-inversion embeddings loaded when given."""
-    pipe = models.load_pipeline(entry.model)
+def load_entry_pipeline(entry: AttributeEntry, device: torch.device | str = "cpu"):
+    """The entry's pipeline on ``device``, with its textual-inversion embeddings loaded when given."""
+    pipe = models.load_pipeline(entry.model, device=device)
     if entry.embeddings:
         pipe.load_textual_inversion(entry.embeddings)
     return pipe
@@ -132,7 +132,7 @@ def run_attribute_eval(cfg: AttributeEvalStage, out: Path, accelerator=None) -> 
         key = _entry_hash(cfg, entry)
         if key in done:
             continue
-        pipe = load_entry_pipeline(entry)
+        pipe = load_entry_pipeline(entry, stage_device(accelerator))
         info = models.read_info(entry.model)
         steps, scale, sampler = resolve_defaults(
             pipe, info, steps=entry.steps, guidance_scale=entry.guidance_scale, sampler=None

@@ -14,6 +14,7 @@ import torch
 
 from baselines import data, models
 from baselines.errors import FewstepError
+from baselines.guidance import is_guidance_conditioned
 from baselines.samplers import generate, unet_evaluations
 from eval.grids import save_grid
 from eval.metrics import (
@@ -21,6 +22,7 @@ from eval.metrics import (
     frechet_distance,
     gaussian_blur,
     get_extractor,
+    load_clip_model,
     metric_name,
     zero_shot_attributes,
 )
@@ -43,10 +45,10 @@ class CheckCLIPStage:
 
 def run_check_clip(cfg: CheckCLIPStage, out: Path) -> dict:
     """Accuracy per attribute of the CLIP's zero-shot classification of real held-out images."""
-    clip, tokenizer = models.load_clip(cfg.clip)
-    ds = data.ShapesDataset(split="heldout", resolution=clip.config.vision_config.image_size, seed=cfg.seed)
+    clip = load_clip_model(cfg.clip)  # with its own pixel convention (an outside CLIP: normalised, resized)
+    ds = data.ShapesDataset(split="heldout", resolution=clip.size, seed=cfg.seed)
     batch = ds.batch(range(cfg.num_images))
-    acc = zero_shot_attributes(clip, tokenizer, batch["pixel_values"], batch["attributes"])
+    acc = zero_shot_attributes(clip.model, clip.tokenizer, clip.pixels(batch["pixel_values"]), batch["attributes"])
     metrics = {"clip": cfg.clip, "num_images": cfg.num_images, "zero_shot_accuracy": acc}
     _write(out, metrics)
     return metrics
@@ -117,7 +119,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
     """Sample held-out captions with one seed per image; measure accuracy and FD; save grids."""
     pipe = models.load_pipeline(cfg.model)
     info = models.read_info(cfg.model)
-    clip, tokenizer = models.load_clip(cfg.clip)
+    clip = load_clip_model(cfg.clip)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ds = data.ShapesDataset(split="heldout", resolution=res, seed=cfg.seed)
     metrics: dict = {"model": str(cfg.model), "sampler": cfg.sampler, "accuracy": {}, "fd": {}}
@@ -134,7 +136,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
             batch_size=cfg.batch_size,
             progress=True,
         )
-        acc = zero_shot_attributes(clip, tokenizer, images * 2 - 1, acc_batch["attributes"])
+        acc = zero_shot_attributes(clip.model, clip.tokenizer, clip.pixels(images * 2 - 1), acc_batch["attributes"])
         metrics["accuracy"][str(s)] = acc
         k = cfg.grid_prompts
         grid = generate(
@@ -172,7 +174,12 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
         metrics["fd"][str(steps)] = {
             metric_name(cfg.extractor): fd,
             "guidance_scale": scale,
-            "unet_evaluations": unet_evaluations(sampler=cfg.sampler, steps=steps, guidance_scale=scale),
+            "unet_evaluations": unet_evaluations(
+                sampler=cfg.sampler,
+                steps=steps,
+                guidance_scale=scale,
+                guidance_conditioned=is_guidance_conditioned(pipe.unet),
+            ),
         }
     _write(out, metrics)
     return metrics

@@ -25,7 +25,7 @@ from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
 from baselines.samplers import SAMPLERS, generate, unet_evaluations
-from baselines.train import process_group
+from baselines.train import process_group, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
 
@@ -277,7 +277,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
     for entry in cfg.models:
         info = models.read_info(entry["path"])
         model_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16] if info else ""
-        pipe = models.load_pipeline(entry["path"])
+        pipe = models.load_pipeline(entry["path"], device=stage_device(accelerator))
         conditioned = is_guidance_conditioned(pipe.unet)
         cells = [
             c for c in model_cells(cfg, entry, info, conditioned) if cell_hash(cfg, entry, *c, model_id) not in done

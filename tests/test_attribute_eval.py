@@ -92,3 +92,25 @@ def test_report_renders_the_attribute_table_and_grids(tiny, tmp_path):
     assert "## Attributes of generated images `personalisation`" in text
     assert f"| teacher triangles | `{row['prompt_example']}` | 4 | 2 |" in text  # code span: <tokens> survive
     assert (tmp_path / "run" / "report" / f"personalisation_{row['grid']}").is_file()
+
+
+def test_stage_loads_its_models_on_the_accelerators_device(tiny, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from eval import attributes as A
+
+    devices = []
+
+    def load(path, device="cpu"):
+        devices.append(torch.device(device))
+        raise StopIteration
+
+    monkeypatch.setattr(A.models, "load_pipeline", load)
+    cfg = A.AttributeEvalStage(
+        entries=[{"name": "teacher", "model": str(tiny / "teacher"), "set": {"shape": "triangle"}}],
+        clip=str(tiny / "clip"),
+        n_images=2,
+    )
+    with pytest.raises(StopIteration):
+        A.run_attribute_eval(cfg, tmp_path, accelerator=SimpleNamespace(device=torch.device("meta")))
+    assert devices == [torch.device("meta")]

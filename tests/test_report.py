@@ -55,8 +55,13 @@ def test_edit_eval_groups_by_param_and_measures_fidelity(edit_folder, tmp_path, 
     assert weak["PSNR"] > strong["PSNR"] and weak["SSIM"] > strong["SSIM"]
     assert weak["PSNR unmasked"] == 100 and strong["SSIM unmasked"] > strong["SSIM"]  # untouched outside the mask
     assert 0 <= weak["target attribute accuracy"] <= 1 and 0 <= weak["preserved attribute accuracy"] <= 1
-    assert "LPIPS" not in weak  # lpips is not installed here: left out, with the reason noted
-    assert (tmp_path / "ee" / "NOTES.txt").read_text().startswith("LPIPS left out")
+    from eval.metrics import lpips_unavailable
+
+    if lpips_unavailable():  # as here (torchvision does not import): left out, with the reason noted
+        assert "LPIPS" not in weak
+        assert (tmp_path / "ee" / "NOTES.txt").read_text().startswith("LPIPS left out")
+    else:
+        assert weak["LPIPS"] < strong["LPIPS"]
     assert (tmp_path / "ee" / "edit_results.jsonl").read_text().count("\n") == 2
 
 
@@ -118,13 +123,9 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
     out.write_text("# Benchmarks\n\nkept text\n")
     rows = bench.run_bench([f"tiny={folder}"], [1, 2], out=out, guidance_scale=3.0, batch_size=2, repeats=3)
     assert [(r["model"], r["steps"], r["nfe"]) for r in rows] == [("tiny", 1, 2), ("tiny", 2, 4)]
-    for r in rows:
-        assert r["raw_seconds_per_image"] > 0 and r["overhead"] == pytest.approx(
-            r["seconds_per_image"] / r["raw_seconds_per_image"]
-        )
-        assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] == pytest.approx(
-            r["seconds_per_image"] * 2 / (r["raw_seconds_per_image"] * 2 + r["text_encoding_ms"] / 1000)
-        )
+    for r in rows:  # what the bare work measures is checked by the hook test below
+        assert r["raw_seconds_per_image"] > 0 and r["unet_ms_per_call"] > 0 and r["vae_decode_ms"] > 0
+        assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] < r["overhead"]
     bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept text") and text.count(bench.START) == 1

@@ -147,3 +147,46 @@ def test_two_clip_extractors_keep_distinct_metric_keys(tiny_models, tmp_path):
     for name in ("clip", "clip2"):
         assert f"### FD-clip({name})" in text and f"### KID-clip({name})" in text
         assert (tmp_path / "report" / f"both_FD-clip({name})_vs_nfe.png").is_file()
+
+
+def test_sweep_samples_on_the_accelerators_device(tiny_models, tmp_path, monkeypatch):
+    """Under accelerate on a GPU the models load on its device (before: always the CPU)."""
+    from types import SimpleNamespace
+
+    devices = []
+
+    def load(path, device="cpu"):
+        devices.append(torch.device(device))
+        raise StopIteration  # enough: where it was asked to load
+
+    monkeypatch.setattr(S.models, "load_pipeline", load)
+    with pytest.raises(StopIteration):
+        S.run_sweep(
+            sweep_config(tiny_models, tmp_path), tmp_path, accelerator=SimpleNamespace(device=torch.device("meta"))
+        )
+    assert devices == [torch.device("meta")]
+
+
+@pytest.mark.parametrize("model, nfe", [("teacher", [4, 8]), ("student", [2, 4])])
+def test_check_teacher_counts_unet_evaluations_and_reads_attributes(tiny_models, tmp_path, model, nfe):
+    """The check stage on a CFG teacher (two evaluations per step) and on a guidance-conditioned student (one:
+    before, it was counted as CFG too); accuracy per attribute at each scale, FD at each step count."""
+    from eval.checks import CheckTeacherStage, run_check_teacher
+
+    cfg = CheckTeacherStage(
+        model=str(tiny_models / model),
+        clip=str(tiny_models / "clip"),
+        extractor=f"clip:{tiny_models / 'clip'}",
+        accuracy_images=4,
+        accuracy_steps=2,
+        guidance_scales=[1.0, 3.0],
+        fd_images=6,
+        fd_steps=[2, 4],
+        fd_guidance_scale=3.0,
+        grid_prompts=2,
+        grid_seeds=2,
+    )
+    metrics = run_check_teacher(cfg, tmp_path)
+    assert [metrics["fd"][str(n)]["unet_evaluations"] for n in (2, 4)] == nfe
+    assert set(metrics["accuracy"]) == {"1.0", "3.0"} and set(metrics["accuracy"]["3.0"]) >= {"shape", "colour"}
+    assert (tmp_path / "grid_guidance3.png").is_file()
