@@ -4,14 +4,14 @@ sweep folders (``results.jsonl``) and edit-evaluation folders (``edit_results.js
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from baselines.errors import FewstepError
-from eval.sweep import read_rows
+from eval.sweep import SAMPLER_NAMES, read_rows
 
 PER_CELL = ("CMMD", "CLIP score", "attribute accuracy", "seconds_per_image")
 EDIT_METRICS = ("PSNR", "PSNR unmasked", "SSIM", "SSIM unmasked", "LPIPS", "CLIP image similarity")
@@ -33,6 +33,27 @@ def fd_keys(rows: list[dict]) -> list[str]:
     """The Fréchet-distance columns of the rows ('FID', 'FD-<features>'), in the sweep's extractor order."""
     keys = {k for r in rows for k in r if (k == "FID" or k.startswith("FD-")) and not k.endswith("_ci95")}
     return sorted(keys, key=lambda k: (k != "FID", k))
+
+
+def distinct_lines(rows: list[dict]) -> list[dict]:
+    """Rows whose (label, guidance scale, steps) would collide, so that one table cell or plot point would hide
+    another (two distillation chains of one method, a student under two samplers), get the sampler and then
+    the folder their model comes from added to the label; a chain of students (one folder per step count
+    under one stage folder) stays one line."""
+    rows = [dict(r) for r in rows]
+    for part in (
+        lambda r: SAMPLER_NAMES.get(r["sampler"], r["sampler"]),
+        lambda r: Path(r.get("path", "")).parent.name or r["model"],
+        lambda r: r["model"],
+    ):
+        seen = Counter((r["label"], r["guidance_scale"], r["steps"]) for r in rows)
+        clashing = {r["label"] for r in rows if seen[(r["label"], r["guidance_scale"], r["steps"])] > 1}
+        if not clashing:
+            break
+        for r in rows:
+            if r["label"] in clashing:
+                r["label"] = f"{r['label']} [{part(r)}]"
+    return rows
 
 
 def _fmt(v) -> str:
@@ -241,7 +262,7 @@ def render_report(
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     for sweep in map(Path, sweeps):
-        rows = read_rows(sweep / "results.jsonl")
+        rows = distinct_lines(read_rows(sweep / "results.jsonl"))
         if not rows:
             raise FewstepError(f"{sweep / 'results.jsonl'} has no rows: run the sweep first")
         tag = sweep.name

@@ -165,3 +165,26 @@ def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale):
         h.remove()
     assert len([s for s in from_pipeline if s[0] == "unet"]) == calls
     assert seen == from_pipeline
+
+
+def test_rows_that_would_share_a_table_cell_get_distinct_lines():
+    """Two progressive chains of one method, and one chain's student under a second sampler, would collapse into
+    one (label, s, steps) cell; a chain's own step counts stay one line, the teacher's label is untouched."""
+    label = "progressive student (CFG s=4 distilled)"
+
+    def row(path, steps, sampler="ddim", model="m", lab=label):
+        return {"label": lab, "guidance_scale": 1.0, "steps": steps, "sampler": sampler, "path": path, "model": model}
+
+    rows = [
+        row("runs/a/teacher/model", 8, lab="teacher + DDIM"),
+        row("runs/a/progressive/progressive-4step", 4),
+        row("runs/a/progressive/progressive-2step", 2),
+        row("runs/a/progressive_b/progressive-4step", 4),
+        row("runs/a/progressive/progressive-4step", 4, sampler="euler"),
+    ]
+    labels = [r["label"] for r in R.distinct_lines(rows)]
+    assert labels[0] == "teacher + DDIM"
+    assert len({(lab, r["steps"]) for lab, r in zip(labels, rows)}) == len(rows)
+    assert labels[1] == labels[2]  # one chain, one line
+    assert labels[4].startswith(f"{label} [Euler]") and "progressive_b" in labels[3]
+    assert [r["label"] for r in R.distinct_lines(rows[:3])] == [r["label"] for r in rows[:3]]  # no clash: as is
