@@ -136,7 +136,7 @@ def interpolate(e_tgt: Tensor, e_opt: Tensor, eta: float) -> Tensor:
 def sample_etas(pipe, e_tgt: Tensor, e_opt: Tensor, etas: list[float], *, steps: int, guidance_scale: float, seed: int):
     """Stage C: one image per eta, all from the same seed, via the editing sampler at strength 1."""
     h = pipe.unet.config.sample_size
-    zeros = torch.zeros(1, pipe.unet.config.in_channels, h, h)
+    zeros = torch.zeros(1, pipe.unet.config.in_channels, h, h, device=pipe.unet.device)
     images = []
     for eta in etas:
         latents = img2img(
