@@ -145,14 +145,12 @@ class EmbeddedEvaluator:
 
     @torch.no_grad()
     def _raw(self, images: Tensor, batch_size: int = 500) -> Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
+        def features(x: Tensor) -> Tensor:
             if x.shape[-1] != self.resolution:
                 x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True)
-            emb = clip_image_embeds(self.clip, x)
-            out.append(torch.cat([emb, low_level_features(x)], 1))
-        return torch.cat(out)
+            return torch.cat([clip_image_embeds(self.clip, x), low_level_features(x)], 1)
+
+        return _in_batches(features, images, batch_size)
 
     def __call__(self, images: Tensor) -> Tensor:
         """Features (N, D) of images in [-1, 1]."""
@@ -268,12 +266,7 @@ class LoadedCLIP:
     @torch.no_grad()
     def image_embeds(self, images: Tensor, batch_size: int = 256) -> Tensor:
         """Unit-norm image embeddings of images in [-1, 1]."""
-        return torch.cat(
-            [
-                clip_image_embeds(self.model, self.pixels(images[i : i + batch_size]))
-                for i in range(0, len(images), batch_size)
-            ]
-        )
+        return _in_batches(lambda x: clip_image_embeds(self.model, self.pixels(x)), images, batch_size)
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> Tensor:
@@ -375,11 +368,12 @@ class InceptionExtractor:
     @torch.no_grad()
     def __call__(self, images: Tensor, batch_size: int = 64) -> Tensor:
         """2048-d features of images in [-1, 1] (quantised to uint8 first, as FID implementations do)."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = ((images[i : i + batch_size].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            out.append(self.net(x).reshape(len(x), -1).double())
-        return torch.cat(out)
+
+        def features(x: Tensor) -> Tensor:
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            return self.net(x).reshape(len(x), -1).double()
+
+        return _in_batches(features, images, batch_size)
 
 
 def inception_weights_default() -> str:

@@ -107,18 +107,22 @@ def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _named_strings(x, key: str = ""):
+    """(key, value) of every string in a config's nested dicts and lists (a list's items under its key)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _named_strings(v, k)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _named_strings(v, key)
+    elif isinstance(x, str):
+        yield key, x
+
+
 def _reads(config: object, earlier: list[PlannedStage]) -> list[PlannedStage]:
     """The earlier stages whose output folder (or a path inside it) ``config`` names, also after a scheme
     prefix such as ``embedded:``."""
-
-    def strings(x):
-        if isinstance(x, dict):
-            return [s for v in x.values() for s in strings(v)]
-        if isinstance(x, (list, tuple)):
-            return [s for v in x for s in strings(v)]
-        return [x] if isinstance(x, str) else []
-
-    named = strings(asdict(config))
+    named = [s for _, s in _named_strings(asdict(config))]
     return [p for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
 
 
@@ -126,14 +130,10 @@ SHIPPED_NAMES = ("shapes", "embedded")  # a model or extractor name that means t
 MODEL_KEYS = ("model", "teacher", "student", "clip", "vae", "path", "extractor", "extractors")
 
 
-def _names_shipped(x, key: str = "") -> bool:
+def _names_shipped(config: dict) -> bool:
     """Whether a config names the shipped models under a model key (``model: shapes``, ``clip: shapes``, the
     ``embedded`` extractor); ``preset: shapes`` and ``dataset: shapes`` name sizes and data, not weights."""
-    if isinstance(x, dict):
-        return any(_names_shipped(v, k) for k, v in x.items())
-    if isinstance(x, (list, tuple)):
-        return any(_names_shipped(v, key) for v in x)
-    return key in MODEL_KEYS and isinstance(x, str) and x in SHIPPED_NAMES
+    return any(key in MODEL_KEYS and value in SHIPPED_NAMES for key, value in _named_strings(config))
 
 
 def _first_line(e: Exception) -> str:

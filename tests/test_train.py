@@ -35,30 +35,33 @@ def _cfg(**kw):
     return TrainConfig(**{**dict(steps=6, batch_size=8, lr=0.05, checkpoint_every=2, log_every=1), **kw})
 
 
+def _fit(model, out_dir, config=None, crash_at=None):
+    """Train the toy ``model`` on the toy loss into ``out_dir``; with ``crash_at``, expect the simulated crash at
+    that loss call."""
+    kwargs = dict(modules={"m": model}, batches=_batches, config=config or _cfg(), out_dir=out_dir)
+    if crash_at is None:
+        return train(loss=_loss_for(model), **kwargs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(loss=_loss_for(model, crash_at), **kwargs)
+
+
 def test_loss_goes_down_and_log_is_json_lines(tmp_path):
     model = _toy()
-    train(loss=_loss_for(model), modules={"m": model}, batches=_batches, config=_cfg(steps=60), out_dir=tmp_path)
+    _fit(model, tmp_path, _cfg(steps=60))
     rows = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert rows[-1]["step"] == 60 and rows[-1]["loss"] < 0.2 * rows[0]["loss"]
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
     straight = _toy()
-    train(loss=_loss_for(straight), modules={"m": straight}, batches=_batches, config=_cfg(), out_dir=tmp_path / "a")
+    _fit(straight, tmp_path / "a")
 
     crashed = _toy()
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(
-            loss=_loss_for(crashed, crash_at=5),
-            modules={"m": crashed},
-            batches=_batches,
-            config=_cfg(),
-            out_dir=tmp_path / "b",
-        )
+    _fit(crashed, tmp_path / "b", crash_at=5)
     assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
     (tmp_path / "b" / "checkpoints" / ".tmp-step-00000006").mkdir()  # a half-written checkpoint is ignored
     resumed = _toy(seed=123)  # fresh weights: everything must come from the checkpoint
-    train(loss=_loss_for(resumed), modules={"m": resumed}, batches=_batches, config=_cfg(), out_dir=tmp_path / "b")
+    _fit(resumed, tmp_path / "b")
     for p, q in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
     assert any('"resume"' in line for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines())
@@ -68,7 +71,7 @@ def test_ema_weights_are_returned(tmp_path):
     model = _toy()
     init = [p.detach().clone() for p in model.parameters()]
     raw = _toy()
-    train(loss=_loss_for(raw), modules={"m": raw}, batches=_batches, config=_cfg(steps=3), out_dir=tmp_path / "raw")
+    _fit(raw, tmp_path / "raw", _cfg(steps=3))
     train(
         loss=_loss_for(model),
         modules={"m": model},
@@ -106,18 +109,11 @@ def test_resume_with_ema_and_gradient_accumulation_gives_the_uninterrupted_weigh
     """The EMA weights (what ``train`` returns) and accumulated micro-batches resume exactly too."""
     cfg = _cfg(ema_decay=0.8, grad_accum=2)
     straight = _toy()
-    train(loss=_loss_for(straight), modules={"m": straight}, batches=_batches, config=cfg, out_dir=tmp_path / "a")
+    _fit(straight, tmp_path / "a", cfg)
     crashed = _toy()
-    with pytest.raises(RuntimeError, match="simulated crash"):  # call 10: step 5's second micro-batch
-        train(
-            loss=_loss_for(crashed, crash_at=10),
-            modules={"m": crashed},
-            batches=_batches,
-            config=cfg,
-            out_dir=tmp_path / "b",
-        )
+    _fit(crashed, tmp_path / "b", cfg, crash_at=10)  # call 10: step 5's second micro-batch
     resumed = _toy(seed=123)
-    train(loss=_loss_for(resumed), modules={"m": resumed}, batches=_batches, config=cfg, out_dir=tmp_path / "b")
+    _fit(resumed, tmp_path / "b", cfg)
     for p, q in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
 
@@ -126,11 +122,11 @@ def test_resume_never_starts_afresh_over_an_earlier_run(tmp_path):
     """``resume: never`` in a folder holding another run's checkpoints trains from the given weights and keeps
     only its own checkpoints (before: it collided with the earlier ``step-N`` folders)."""
     first = _toy(seed=1)
-    train(loss=_loss_for(first), modules={"m": first}, batches=_batches, config=_cfg(steps=8), out_dir=tmp_path / "a")
+    _fit(first, tmp_path / "a", _cfg(steps=8))
     fresh, again = _toy(), _toy()
-    train(loss=_loss_for(fresh), modules={"m": fresh}, batches=_batches, config=_cfg(), out_dir=tmp_path / "b")
+    _fit(fresh, tmp_path / "b")
     never = _cfg(resume="never")
-    train(loss=_loss_for(again), modules={"m": again}, batches=_batches, config=never, out_dir=tmp_path / "a")
+    _fit(again, tmp_path / "a", never)
     for p, q in zip(fresh.parameters(), again.parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
     assert [p.name for p in sorted((tmp_path / "a" / "checkpoints").iterdir())] == ["step-00000004", "step-00000006"]
@@ -181,16 +177,9 @@ def test_bad_train_configs_are_config_errors(bad):
 def test_the_log_of_a_resumed_run_has_one_row_per_step(tmp_path):
     """A crash at step 3 (checkpoint at 2) logs step 3 twice: ``read_log`` keeps the resumed run's row."""
     crashed = _toy()
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(
-            loss=_loss_for(crashed, crash_at=4),
-            modules={"m": crashed},
-            batches=_batches,
-            config=_cfg(),
-            out_dir=tmp_path,
-        )
+    _fit(crashed, tmp_path, crash_at=4)
     resumed = _toy()
-    train(loss=_loss_for(resumed), modules={"m": resumed}, batches=_batches, config=_cfg(), out_dir=tmp_path)
+    _fit(resumed, tmp_path)
     raw = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert raw.count(3) == 2  # the file keeps both
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
