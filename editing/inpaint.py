@@ -17,6 +17,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text
 from baselines.samplers import resolve_defaults
+from baselines.train import stage_device
 from editing.common import (
     EditSource,
     Timer,
@@ -130,13 +131,13 @@ class InpaintStage:
     seed: int = 0
 
 
-def run_inpaint(cfg: InpaintStage, out: Path) -> list[dict]:
+def run_inpaint(cfg: InpaintStage, out: Path, accelerator=None) -> list[dict]:
     """Inpaint every input; write input, mask and output PNGs and ``edits.jsonl``."""
     start_index(1, cfg.strength)
     if cfg.source.image is not None and cfg.mask is None:
         raise ConfigError("inpainting a user image needs a mask (white = region to repaint)")
     preflight(cfg.source, cfg.mask)
-    pipe = models.load_pipeline(cfg.model)
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     steps, scale, _ = resolve_defaults(
         pipe, models.read_info(cfg.model), steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
     )

@@ -17,6 +17,7 @@ from baselines import models
 from baselines.errors import ConfigError
 from baselines.guidance import CFGDenoiser, UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.samplers import resolve_defaults, unet_evaluations
+from baselines.train import stage_device
 from editing.common import (
     EditSource,
     StepCallback,
@@ -122,14 +123,14 @@ class SDEditStage:
     seed: int = 0
 
 
-def run_sdedit(cfg: SDEditStage, out: Path) -> list[dict]:
+def run_sdedit(cfg: SDEditStage, out: Path, accelerator=None) -> list[dict]:
     """Edit every input at every strength; write PNGs and ``edits.jsonl``."""
     if not cfg.strengths:
         raise ConfigError("strengths is empty: give at least one strength in [0, 1]")
     for s in cfg.strengths:
         start_index(1, s)  # validates the range before anything is written
     preflight(cfg.source)
-    pipe = models.load_pipeline(cfg.model)
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     steps, scale, _ = resolve_defaults(
         pipe, models.read_info(cfg.model), steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
     )

@@ -9,6 +9,7 @@ holds a finished run with the same config hash is skipped; a half-finished one r
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import shutil
@@ -26,11 +27,19 @@ from baselines.errors import ConfigError, FewstepError
 
 @dataclass(frozen=True)
 class StageKind:
-    """A registered stage: its config dataclass, its function and whether all processes run it."""
+    """A registered stage: its config dataclass, its function and whether all processes run it. A function
+    with an ``accelerator`` parameter gets the run's accelerator (its device is where the stage loads its
+    models), also when only the main process runs it."""
 
     config: type
     run: Callable
     distributed: bool = False
+
+    def __call__(self, config, out: Path, accelerator) -> None:
+        if "accelerator" in inspect.signature(self.run).parameters:
+            self.run(config, out, accelerator=accelerator)
+        else:
+            self.run(config, out)
 
 
 def _registry() -> dict[str, StageKind]:
@@ -136,6 +145,19 @@ def _names_shipped(config: dict) -> bool:
     return any(key in MODEL_KEYS and value in SHIPPED_NAMES for key, value in _named_strings(config))
 
 
+FILE_KEYS = ("prompts", "image", "mask")  # user files a stage reads: their contents are among its inputs
+
+
+def _file_digests(config: dict) -> list[str]:
+    """``file:<key>:<sha256>`` of every existing file a config names under a file key, so an edited prompts
+    file, input image or mask reruns the stage although its path (the config) is the same."""
+    digests = []
+    for key, value in _named_strings(config):
+        if key in FILE_KEYS and Path(value).is_file():
+            digests.append(f"file:{key}:{hashlib.sha256(Path(value).read_bytes()).hexdigest()}")
+    return digests
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
 
@@ -193,6 +215,7 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             inputs = [p.hash for p in reads]
             if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
                 inputs.append(f"shipped:{models.shipped_identity()}")
+            inputs += _file_digests(asdict(config))
             digest, own = config_hash(config, inputs), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
@@ -280,7 +303,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         ran.add(s.name)
         if status in ("force", "stale") and main and s.output.exists():
             if status == "stale":
-                log(f"[rerun] {s.name}: a stage it reads has changed or runs again")
+                log(f"[rerun] {s.name}: an input changed (a stage it reads, a file it names or the shipped models)")
             shutil.rmtree(s.output)
         barrier()
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")
@@ -290,10 +313,8 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             (s.output / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(s.config)))
         barrier()
         kind = registry[s.kind]
-        if kind.distributed:
-            kind.run(s.config, s.output, accelerator=accelerator)
-        elif main:
-            kind.run(s.config, s.output)
+        if kind.distributed or main:
+            kind(s.config, s.output, accelerator)
         barrier()
         if main:
             _write_state(s.output, s, "done", seconds=round(time.time() - start, 1))

@@ -42,7 +42,7 @@ def test_missing_config_file_is_exit_2(tmp_path):
     assert result.returncode == 2 and "not found" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["smoke", "quickstart", "teacher-shapes"])
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "quickstart-full", "teacher-shapes"])
 def test_shipped_configs_validate(name):
     stages = experiment.plan(experiment.load_config(ROOT / f"configs/{name}.yaml"))
     assert stages and all(s.output.parts[-1] == s.name for s in stages)
@@ -131,6 +131,59 @@ def test_a_stage_naming_the_shipped_models_reruns_when_they_change(tmp_path, mon
     assert ran.read_text().split() == ["a", "b", "b"] and any(line.startswith("[rerun] b") for line in lines)
     assert not experiment._names_shipped({"preset": "shapes", "dataset": "shapes", "extractor": "embedded:/x/clip"})
     assert experiment._names_shipped({"extractors": ["embedded"]}) and experiment._names_shipped({"clip": "shapes"})
+
+
+def test_a_stage_that_takes_the_accelerator_gets_the_runs_also_when_only_the_main_process_runs_it(
+    tmp_path, monkeypatch
+):
+    """A single-process stage (attribute_eval, edits) that declares ``accelerator`` loads its models on the
+    accelerator's device: it must be given the run's accelerator, not left on the CPU default."""
+    seen = []
+
+    def run_with_accelerator(cfg: _Counted, out: Path, accelerator=None) -> None:
+        seen.append(accelerator)
+
+    monkeypatch.setattr(
+        experiment,
+        "_registry",
+        lambda: {
+            "counted": experiment.StageKind(_Counted, _run_counted),
+            "placed": experiment.StageKind(_Counted, run_with_accelerator),
+        },
+    )
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: t\nstages:\n  a: {kind: counted}\n  b: {kind: placed}\n")
+    experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lambda _: None)
+    assert (tmp_path / "runs" / "ran.txt").read_text().split() == ["a"]
+    assert len(seen) == 1 and seen[0] is not None and hasattr(seen[0], "device")
+
+
+def test_a_stage_reruns_when_a_user_file_it_names_changes(tmp_path, monkeypatch):
+    """A prompts file (or input image, mask) is named by path: editing it must rerun the stage, not skip it
+    as done with the same config."""
+
+    @dataclass
+    class _Prompts(_Counted):
+        prompts: str = ""
+
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Prompts, _run_counted)})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"experiment: t\nstages:\n  a: {{kind: counted, prompts: {prompts}}}\n  b: {{kind: counted}}\n")
+    ran = tmp_path / "runs" / "ran.txt"
+
+    def run():
+        lines = []
+        experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lines.append)
+        return lines
+
+    run()
+    run()
+    assert ran.read_text().split() == ["a", "b"]
+    prompts.write_text("a blue square\n")
+    lines = run()
+    assert ran.read_text().split() == ["a", "b", "a"] and any(line.startswith("[rerun] a") for line in lines)
 
 
 def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_anything_runs(tmp_path, monkeypatch):
