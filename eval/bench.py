@@ -26,9 +26,22 @@ from baselines.samplers import generate, prompt_states, resolve_defaults, unet_e
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def _seconds(fn) -> float:
+def default_device() -> torch.device:
+    """A GPU when there is one, else the CPU: where ``fewstep bench`` times by default."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn, device: torch.device) -> float:
+    """Wall seconds of ``fn()``, waiting for the device's queued kernels before and after (CUDA is asynchronous)."""
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -46,13 +59,14 @@ def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int) -> tu
         return [prompt_states(pipe, p) for p in ([negatives, prompts] if cfg else [prompts])]
 
     states = torch.cat(text())
+    device = pipe.unet.device
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn((len(states), pipe.unet.config.in_channels, size, size), generator=g)
-    t = torch.tensor(pipe.scheduler.config.num_train_timesteps // 2)
+    latents = torch.randn((len(states), pipe.unet.config.in_channels, size, size), generator=g).to(device)
+    t = torch.tensor(pipe.scheduler.config.num_train_timesteps // 2, device=device)
     extra = {}
     if conditioned:
-        w = torch.full((len(states),), guidance_scale - 1)
+        w = torch.full((len(states),), guidance_scale - 1, device=device)
         extra["timestep_cond"] = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
     z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
 
@@ -68,13 +82,13 @@ def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int) -> tu
     return unet, vae, text
 
 
-def _repeat(run: Callable, work: tuple[Callable, ...], *, pipeline_first: bool) -> tuple[float, ...]:
+def _repeat(run: Callable, work: tuple[Callable, ...], device: torch.device, *, pipeline_first: bool) -> tuple:
     """(pipeline, U-Net, VAE, text) seconds of one repeat."""
     if pipeline_first:
-        pipeline = _seconds(run)
-        return (pipeline, *(_seconds(fn) for fn in work))
-    bare = tuple(_seconds(fn) for fn in work)
-    return (_seconds(run), *bare)
+        pipeline = _seconds(run, device)
+        return (pipeline, *(_seconds(fn, device) for fn in work))
+    bare = tuple(_seconds(fn, device) for fn in work)
+    return (_seconds(run, device), *bare)
 
 
 def _ratio(timing: tuple[float, ...]) -> float:
@@ -91,14 +105,16 @@ def bench_model(
     guidance_scale: float | None = None,
     batch_size: int = 8,
     repeats: int = 11,
+    device: str | torch.device | None = None,
 ) -> list[dict]:
     """One row per step count: pipeline seconds per image, raw U-Net + VAE seconds per image, overhead.
 
     Each repeat times the pipeline and its bare work (U-Net calls, VAE decode, prompt encoding) back to
     back, alternating which goes first, so a change of machine speed between repeats cancels in that
-    repeat's ratio; the row is the repeat with the median overhead ratio.
+    repeat's ratio; the row is the repeat with the median overhead ratio. ``device``: default a GPU if any.
     """
-    pipe = models.load_pipeline(model)
+    device = torch.device(device) if device is not None else default_device()
+    pipe = models.load_pipeline(model, device=device)
     info = models.read_info(model)
     _, scale, sampler = resolve_defaults(pipe, info, steps=1, guidance_scale=guidance_scale, sampler=sampler)
     conditioned = is_guidance_conditioned(pipe.unet)
@@ -124,7 +140,8 @@ def bench_model(
         work = bare_work(pipe, prompts, scale, calls)
         for fn in (run, *work):  # warm-up (scheduler set-up, allocator)
             fn()
-        timed = sorted((_repeat(run, work, pipeline_first=i % 2 == 0) for i in range(max(1, repeats))), key=_ratio)
+        repeat = range(max(1, repeats))
+        timed = sorted((_repeat(run, work, device, pipeline_first=i % 2 == 0) for i in repeat), key=_ratio)
         pipeline, unet_s, vae_s, text_s = timed[len(timed) // 2]
         raw = unet_s + vae_s
         rows.append(
@@ -136,6 +153,7 @@ def bench_model(
                 "guidance_scale": scale,
                 "nfe": nfe,
                 "batch_size": batch_size,
+                "device": str(device),
                 "seconds_per_image": pipeline / batch_size,
                 "raw_seconds_per_image": raw / batch_size,
                 "unet_ms_per_call": 1000 * unet_s / calls,
@@ -179,7 +197,15 @@ def write_section(path: str | Path, body: str) -> Path:
 
 
 def run_bench(
-    specs: list[str], steps: list[int], *, out: str | Path, sampler=None, guidance_scale=None, batch_size=8, repeats=11
+    specs: list[str],
+    steps: list[int],
+    *,
+    out: str | Path,
+    sampler=None,
+    guidance_scale=None,
+    batch_size=8,
+    repeats=11,
+    device: str | None = None,
 ) -> list[dict]:
     """The ``fewstep bench`` verb: models given as ``path`` or ``name=path``; writes the table into ``out``."""
     if not specs:
@@ -197,9 +223,12 @@ def run_bench(
             guidance_scale=guidance_scale,
             batch_size=batch_size,
             repeats=repeats,
+            device=device,
         )
+    where = rows[0]["device"] if rows else "cpu"
+    on = f"{torch.get_num_threads()} torch thread(s)" if where == "cpu" else torch.cuda.get_device_name(where)
     body = (
-        f"Measured {time.strftime('%Y-%m-%d')} with {torch.get_num_threads()} torch thread(s), batch {batch_size}, "
+        f"Measured {time.strftime('%Y-%m-%d')} on {where} ({on}), batch {batch_size}, "
         f"{repeats} repeats, each timing the pipeline and its bare work back to back (alternating which goes "
         "first); each row is the repeat "
         "with the median ratio. raw = the U-Net calls (bare forwards on the same batch, CFG pair batched) + one "

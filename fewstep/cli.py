@@ -123,6 +123,7 @@ def _bench(args) -> None:
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        device=args.device,
     )
     print(markdown_table(rows))
     print(f"wrote the table into {args.out}")
@@ -203,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-scale", type=float, default=None, help="default: the model's recommended scale")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--repeats", type=int, default=11, help="paired timings per setting (the median one is kept)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     b.add_argument("--out", default="BENCHMARKS.md", help="file whose bench section is replaced")
     b.set_defaults(func=_bench)
     return p
