@@ -93,6 +93,12 @@ class SweepStage:
             raise ConfigError("sweep.extractors: FD and KID need at least one feature extractor")
         if self.n_images < 2 or min(self.steps) < 1:
             raise ConfigError("sweep.n_images must be >= 2 and every step count >= 1")
+        most = _SHAPES_REF_STOP - _SHAPES_REF_START
+        if self.dataset == "shapes" and not 2 <= self.reference_images <= most:
+            raise ConfigError(
+                f"sweep.reference_images must be in [2, {most}] for shapes (held-out images disjoint from the prompts"
+                f" and from the evaluator's standardisation set), got {self.reference_images}"
+            )
 
 
 # ----------------------------------------------------------------------------- prompts and references
@@ -124,8 +130,7 @@ def sweep_prompts(cfg: SweepStage, resolution: int) -> tuple[list[str], list[dic
 def _reference_images(cfg: SweepStage, resolution: int) -> torch.Tensor:
     ds = _dataset(cfg, resolution)
     if cfg.dataset == "shapes":
-        stop = min(_SHAPES_REF_START + cfg.reference_images, _SHAPES_REF_STOP)
-        return ds.batch(range(_SHAPES_REF_START, stop))["pixel_values"]
+        return ds.batch(range(_SHAPES_REF_START, _SHAPES_REF_START + cfg.reference_images))["pixel_values"]
     return ds.batch(range(min(cfg.reference_images, len(ds))))["pixel_values"]
 
 

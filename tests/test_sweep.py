@@ -96,6 +96,10 @@ def test_sweep_config_errors_name_the_key():
         S.SweepStage(models=[{"name": "a", "path": "x", "stepz": [1]}])
     with pytest.raises(ConfigError, match="unknown metric"):
         S.SweepStage(models={"a": "x"}, metrics=["fid"])
+    with pytest.raises(ConfigError, match=r"reference_images must be in \[2, 3000\]"):  # was capped silently
+        S.SweepStage(models={"a": "x"}, reference_images=5000)
+    S.SweepStage(models={"a": "x"}, reference_images=3000)
+    S.SweepStage(models={"a": "x"}, dataset="/my/folder", reference_images=5000)  # a folder: its own size
 
 
 @pytest.mark.parametrize("config", ["configs/sd15-distill.yaml", "configs/eval-demo.yaml"])
