@@ -211,14 +211,16 @@ def train(
                 value = loss(batch, _generator(config, step, micro, rank)) / config.grad_accum
             value.backward()
             total += value.item()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-        if world > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        if world > 1:  # average the gradients; a parameter no rank used keeps no gradient, as in one process
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+            used = torch.tensor([float(p.grad is not None) for p in params.values()], device=grads[0].device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [used.to(grads[0].dtype)])
             dist.all_reduce(flat)
-            flat /= world
+            used = flat[len(flat) - len(used) :] > 0
+            flat = flat[: len(flat) - len(used)] / world
             offset = 0
-            for p, g in zip(params.values(), grads):
-                p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+            for p, g, u in zip(params.values(), grads, used.tolist()):
+                p.grad = flat[offset : offset + g.numel()].view_as(p).clone() if u else None
                 offset += g.numel()
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_grad).item()

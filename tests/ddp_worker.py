@@ -1,5 +1,6 @@
 """Run under ``torchrun --nproc_per_node 2``: trains a toy model through the one loop and writes
-each rank's world size and final weights, so a test can check the replicas stayed equal."""
+each rank's world size and final weights, so a test can check the replicas stayed equal (and that a
+parameter no rank used did not move)."""
 
 import json
 import sys
@@ -16,6 +17,8 @@ rank, world = process_group()
 accelerator = Accelerator()
 torch.manual_seed(rank)  # different init per rank: the loop must broadcast
 model = nn.Linear(4, 1)
+unused = nn.Linear(4, 1)  # trained but never in the loss: with weight decay it must not move, as in one process
+initial = [p.detach().clone() for p in unused.parameters()]  # rank 0's are the ones broadcast to every rank
 
 
 def batches(i):
@@ -29,9 +32,9 @@ def loss(batch, generator):
 
 train(
     loss=loss,
-    modules={"m": model},
+    modules={"m": model, "unused": unused},
     batches=batches,
-    config=TrainConfig(steps=5, lr=0.1, log_every=1),
+    config=TrainConfig(steps=5, lr=0.1, weight_decay=0.5, log_every=1),
     out_dir=out / "train",
     accelerator=accelerator,
 )
@@ -40,6 +43,7 @@ train(
         {
             "world_size": world,
             "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+            "unused_kept": all(torch.equal(p, q) for p, q in zip(unused.parameters(), initial)),
         }
     )
 )

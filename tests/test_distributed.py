@@ -39,6 +39,7 @@ def test_two_processes_keep_equal_replicas(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["unused_kept"]  # no gradient on any rank: not zero-filled and decayed
 
 
 def test_smoke_chain_trains_and_distils_on_two_processes(tmp_path):
