@@ -93,6 +93,7 @@ class PlannedStage:
     hash: str  # config + preset sizes + the hashes of the stages it reads
     own_hash: str = ""  # config + preset sizes only: equal to the stored one when only an input changed
     reads: tuple[str, ...] = ()  # names of the earlier stages whose output it reads
+    files: str = ""  # digest of the user files it names (prompts, image, mask); "" when none
 
 
 def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
@@ -145,17 +146,29 @@ def _names_shipped(config: dict) -> bool:
     return any(key in MODEL_KEYS and value in SHIPPED_NAMES for key, value in _named_strings(config))
 
 
-FILE_KEYS = ("prompts", "image", "mask")  # user files a stage reads: their contents are among its inputs
+FILE_KEYS = ("prompts", "image", "mask")  # keys naming a user file a stage reads (a folder is not hashed)
 
 
-def _file_digests(config: dict) -> list[str]:
-    """``file:<key>:<sha256>`` of every existing file a config names under a file key, so an edited prompts
-    file, input image or mask reruns the stage although its path (the config) is the same."""
-    digests = []
+def files_digest(config: dict, earlier_outputs: Sequence[Path] = ()) -> str:
+    """One digest of the contents of the files a config names under ``FILE_KEYS`` ("" when none), so an edited
+    prompts file, input image or mask reruns the stage although its path, the config, is the same. Dataset
+    names (``shapes``), folders and files inside earlier stages' outputs (their hashes cover them) are left out."""
+    combined, found = hashlib.sha256(), False
+    earlier = [o.resolve() for o in earlier_outputs]
     for key, value in _named_strings(config):
-        if key in FILE_KEYS and Path(value).is_file():
-            digests.append(f"file:{key}:{hashlib.sha256(Path(value).read_bytes()).hexdigest()}")
-    return digests
+        path = Path(value)
+        if key not in FILE_KEYS or value == "shapes" or not path.is_file():
+            continue
+        if any(path.resolve().is_relative_to(o) for o in earlier):
+            continue
+        try:
+            with path.open("rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise ConfigError(f"cannot read the {key} file {path}: {e.strerror}") from None
+        combined.update(f"{key}:{value}:{digest}\n".encode())
+        found = True
+    return combined.hexdigest()[:16] if found else ""
 
 
 def _first_line(e: Exception) -> str:
@@ -215,11 +228,11 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             inputs = [p.hash for p in reads]
             if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
                 inputs.append(f"shipped:{models.shipped_identity()}")
-            inputs += _file_digests(asdict(config))
             digest, own = config_hash(config, inputs), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
-        planned.append(PlannedStage(name, kind, config, output, digest, own, tuple(p.name for p in reads)))
+        files = files_digest(asdict(config), [p.output for p in planned])
+        planned.append(PlannedStage(name, kind, config, output, digest, own, tuple(p.name for p in reads), files))
     return planned
 
 
@@ -231,6 +244,8 @@ def _read_state(output: Path) -> dict:
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
     output.mkdir(parents=True, exist_ok=True)
     state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash}
+    if stage.files:
+        state["files"] = stage.files
     state.update(status=status, **extra)
     tmp = output / ".stage.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
@@ -239,25 +254,34 @@ def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> Non
 
 def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, rerun: Sequence[str] = ()) -> str:
     """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
-    this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads has changed since, or
-    runs again in this invocation (``rerun``): rerun) or ``conflict`` (made with another config of its
-    own: replace only with ``--force``)."""
+    this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads or a file it names has
+    changed since, or a stage it reads runs again in this invocation (``rerun``): rerun) or ``conflict`` (made
+    with another config of its own: replace only with ``--force``). A run recorded before file digests were
+    kept has none stored: its files are taken as the ones it was made with."""
     if forced:
         return "force"
     if not state:
         return "new"
     if state.get("hash") == stage.hash:
-        if set(stage.reads) & set(rerun):
+        if set(stage.reads) & set(rerun) or state.get("files", stage.files) != stage.files:
             return "stale"
         return "done" if state.get("status") == "done" else "resume"
     return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
 
 
-def _conflict(stage: PlannedStage, state: dict) -> ConfigError:
+def _conflict(stages: list[PlannedStage], states: dict[str, dict]) -> ConfigError:
+    """One error naming every stage whose output was made with another config of its own."""
+    if len(stages) == 1:
+        stage, state = stages[0], states[stages[0].name]
+        return ConfigError(
+            f"stage {stage.name!r} in {stage.output} was made with another config "
+            f"(hash {state.get('config_hash', state.get('hash'))} != {stage.own_hash}); "
+            f"rerun with --force {stage.name} to replace it"
+        )
+    names = ", ".join(repr(s.name) for s in stages)
+    flags = " ".join(f"--force {s.name}" for s in stages)
     return ConfigError(
-        f"stage {stage.name!r} in {stage.output} was made with another config "
-        f"(hash {state.get('config_hash', state.get('hash'))} != {stage.own_hash}); "
-        f"rerun with --force {stage.name} to replace it"
+        f"stages {names} in {stages[0].output.parent} were made with other configs; rerun with {flags} to replace them"
     )
 
 
@@ -279,9 +303,9 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
         return stages
-    for s in stages:
-        if stage_status(s, states[s.name], forced=s.name in force) == "conflict":
-            raise _conflict(s, states[s.name])
+    conflicts = [s for s in stages if stage_status(s, states[s.name], forced=s.name in force) == "conflict"]
+    if conflicts:
+        raise _conflict(conflicts, states)
 
     from accelerate import Accelerator
 
@@ -297,9 +321,11 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         status = stage_status(s, state, forced=s.name in force, rerun=ran)
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
+            if main and s.files and "files" not in state:  # made before file digests were kept: record them
+                _write_state(s.output, s, "done", **({"seconds": state["seconds"]} if "seconds" in state else {}))
             continue
         if status == "conflict":  # appeared since the check above (another process)
-            raise _conflict(s, state)
+            raise _conflict([s], {s.name: state})
         ran.add(s.name)
         if status in ("force", "stale") and main and s.output.exists():
             if status == "stale":

@@ -184,6 +184,17 @@ def test_a_stage_reruns_when_a_user_file_it_names_changes(tmp_path, monkeypatch)
     prompts.write_text("a blue square\n")
     lines = run()
     assert ran.read_text().split() == ["a", "b", "a"] and any(line.startswith("[rerun] a") for line in lines)
+    # a run recorded before file digests were kept (no "files" in stage.json) is adopted, not rerun, and its
+    # digest recorded, so the next edit reruns it
+    state_path = tmp_path / "runs" / "a" / "stage.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    run()
+    assert ran.read_text().split() == ["a", "b", "a"] and "files" in json.loads(state_path.read_text())
+    prompts.write_text("a green triangle\n")
+    run()
+    assert ran.read_text().split() == ["a", "b", "a", "a"]
+    assert not experiment.files_digest({"prompts": "shapes", "image": str(tmp_path)})  # a dataset name, a folder
 
 
 def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_anything_runs(tmp_path, monkeypatch):
@@ -210,6 +221,8 @@ def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_any
     assert ran.read_text().split() == ["a", "b", "c"]
     with pytest.raises(ConfigError, match="--force a"):
         run("stages.a.value=1")
+    with pytest.raises(ConfigError, match="stages 'a', 'c' .* --force a --force c to replace them"):
+        run("stages.a.value=1", "stages.c.value=1")  # every conflict in one error, not one per attempt
     assert ran.read_text().split() == ["a", "b", "c"]
     lines = run("stages.a.value=1", force=["a"])
     assert ran.read_text().split() == ["a", "b", "c", "a", "b"]
