@@ -20,15 +20,25 @@ import torch
 
 from baselines import data, models
 from baselines.errors import FewstepError
-from baselines.guidance import is_guidance_conditioned
+from baselines.guidance import get_guidance_scale_embedding, is_guidance_conditioned
 from baselines.samplers import generate, prompt_states, resolve_defaults, unet_evaluations
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def default_device() -> torch.device:
-    """A GPU when there is one, else the CPU: where ``fewstep bench`` times by default."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def bench_device(name: str | torch.device | None = None) -> torch.device:
+    """Where ``fewstep bench`` times: ``name`` (cpu, cuda, cuda:1, ...), by default a GPU when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FewstepError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FewstepError(f"--device {name!r}: bench times the CPU or CUDA GPUs")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise FewstepError(f"--device {name!r}: no such CUDA device on this machine")
+    return device
 
 
 def _sync(device: torch.device) -> None:
@@ -67,7 +77,7 @@ def bare_work(pipe, prompts: list[str], guidance_scale: float, calls: int) -> tu
     extra = {}
     if conditioned:
         w = torch.full((len(states),), guidance_scale - 1, device=device)
-        extra["timestep_cond"] = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
+        extra["timestep_cond"] = get_guidance_scale_embedding(w, pipe.unet.config.time_cond_proj_dim)  # on w's device
     z = latents[: len(prompts)] / pipe.vae.config.scaling_factor
 
     @torch.no_grad()  # as the pipeline runs them (the closures run outside this function's no_grad)
@@ -113,7 +123,7 @@ def bench_model(
     back, alternating which goes first, so a change of machine speed between repeats cancels in that
     repeat's ratio; the row is the repeat with the median overhead ratio. ``device``: default a GPU if any.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = bench_device(device)
     pipe = models.load_pipeline(model, device=device)
     info = models.read_info(model)
     _, scale, sampler = resolve_defaults(pipe, info, steps=1, guidance_scale=guidance_scale, sampler=sampler)
@@ -210,6 +220,7 @@ def run_bench(
     """The ``fewstep bench`` verb: models given as ``path`` or ``name=path``; writes the table into ``out``."""
     if not specs:
         specs = ["shapes"]
+    device = bench_device(device)  # a bad --device fails before any timing
     rows = []
     for spec in specs:
         name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
@@ -225,8 +236,8 @@ def run_bench(
             repeats=repeats,
             device=device,
         )
-    where = rows[0]["device"] if rows else "cpu"
-    on = f"{torch.get_num_threads()} torch thread(s)" if where == "cpu" else torch.cuda.get_device_name(where)
+    where = torch.device(rows[0]["device"] if rows else "cpu")
+    on = torch.cuda.get_device_name(where) if where.type == "cuda" else f"{torch.get_num_threads()} torch thread(s)"
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} on {where} ({on}), batch {batch_size}, "
         f"{repeats} repeats, each timing the pipeline and its bare work back to back (alternating which goes "

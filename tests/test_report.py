@@ -132,21 +132,28 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
     assert "| tiny |" not in text and f"| {folder} |" in text  # the section was replaced, not appended
 
 
-@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale):
+@pytest.mark.parametrize("guidance_scale, conditioned", [(1.0, False), (3.0, False), (3.0, True)])
+def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale, conditioned):
     """The raw side of the overhead ratio: ``bare_work`` makes as many U-Net forwards on inputs of the same
-    shapes as ``generate`` does (the CFG pair batched), and one VAE decode of the same latent shape."""
+    shapes as ``generate`` does (the CFG pair batched; for a guidance-conditioned student one pass fed the same
+    guidance embedding), and one VAE decode of the same latent shape."""
     from baselines.samplers import generate, unet_evaluations
+    from distill.student import guidance_conditioned_unet
     from eval.bench import bare_work
 
     pipe = models.build_pipeline("tiny", seed=0)
+    if conditioned:
+        pipe.unet = guidance_conditioned_unet(pipe.unet, 8)
     prompts = ["a red circle", "a blue square", "a red circle"]
     seen = []
 
     def hook(name):
-        return lambda module, args, kwargs, out: seen.append(
-            (name, tuple(args[0].shape), kwargs.get("encoder_hidden_states", torch.zeros(0)).shape)
-        )
+        def record(module, args, kwargs, out):
+            cond = kwargs.get("timestep_cond")
+            states = kwargs.get("encoder_hidden_states", torch.zeros(0)).shape
+            seen.append((name, tuple(args[0].shape), states, None if cond is None else cond.tolist()))
+
+        return record
 
     handles = [
         pipe.unet.register_forward_hook(hook("unet"), with_kwargs=True),
@@ -155,9 +162,9 @@ def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale):
     steps = 3
     generate(pipe, prompts, seeds=[0, 1, 2], num_inference_steps=steps, guidance_scale=guidance_scale, batch_size=3)
     from_pipeline, seen[:] = list(seen), []
-    calls = unet_evaluations(sampler="ddim", steps=steps, guidance_scale=guidance_scale) // (
-        2 if guidance_scale > 1 else 1
-    )
+    calls = unet_evaluations(
+        sampler="ddim", steps=steps, guidance_scale=guidance_scale, guidance_conditioned=conditioned
+    ) // (2 if guidance_scale > 1 and not conditioned else 1)
     unet, vae, _ = bare_work(pipe, prompts, guidance_scale, calls)
     unet()
     vae()
@@ -165,6 +172,20 @@ def test_bench_bare_work_is_the_work_the_pipeline_does(guidance_scale):
         h.remove()
     assert len([s for s in from_pipeline if s[0] == "unet"]) == calls
     assert seen == from_pipeline
+
+
+def test_bench_device_errors_are_one_line():
+    from baselines.errors import FewstepError
+    from eval.bench import bench_device
+
+    assert bench_device("cpu") == torch.device("cpu")
+    with pytest.raises(FewstepError, match="not a torch device"):
+        bench_device("gpu")
+    with pytest.raises(FewstepError, match="CPU or CUDA"):
+        bench_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(FewstepError, match="no such CUDA device"):
+            bench_device("cuda")
 
 
 def test_rows_that_would_share_a_table_cell_get_distinct_lines():
