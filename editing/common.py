@@ -273,13 +273,18 @@ def write_rows(out: Path, rows: list[dict]) -> Path:
 
 
 class Timer:
-    """Wall-clock seconds of a block: ``with Timer() as t: ...; t.seconds``."""
+    """Wall-clock seconds of a block: ``with Timer() as t: ...; t.seconds``; waits for queued CUDA work at
+    both ends (kernels run asynchronously, so the last decode would otherwise fall outside the block)."""
 
     def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
 
 
