@@ -53,7 +53,13 @@ def class_prompts(cfg: DreamBoothStage, n: int) -> list[str]:
         return [cfg.source.template.format(cfg.class_noun).strip()] * n
     fixed = {k: v for k, v in cfg.source.concept.items() if k not in cfg.bind}
     stream = data.ShapesDataset(split="train", seed=cfg.source.seed + 1)
-    return [data.caption({**stream.attributes_of(i), **fixed}, replace=cfg.bind) for i in range(n)]
+    prompts, i = [], 0
+    while len(prompts) < n:  # a fixed colour may meet an equal background: no such image, skip it
+        attributes = {**stream.attributes_of(i), **fixed}
+        i += 1
+        if attributes["colour"] != attributes["background"]:
+            prompts.append(data.caption(attributes, replace=cfg.bind))
+    return prompts
 
 
 def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
@@ -63,6 +69,11 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
     if cfg.source.images is None and (not cfg.bind or not set(cfg.bind) <= set(cfg.source.concept)):
         raise ConfigError(f"bind {list(cfg.bind)} must name attributes of the concept {dict(cfg.source.concept)}")
     concept_images(cfg.source, 8)  # bad images or concept fail before any model is loaded
+    if cfg.source.images is not None and cfg.prior_weight > 0 and not cfg.class_noun.strip():
+        raise ConfigError(
+            "prior preservation on your own images needs a class noun for the class prompt (class_noun / --class-noun,"
+            " e.g. dog), or prior_weight 0"
+        )
     pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     info = models.read_info(cfg.model)
     images = concept_images(cfg.source, model_resolution(pipe))
@@ -72,12 +83,17 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
     instance_tokens = text_batch(pipe.tokenizer, prompts)
     prior = cfg.prior_weight > 0
     if prior:
-        steps, scale, _ = resolve_defaults(
-            pipe, info, steps=cfg.class_steps, guidance_scale=cfg.class_guidance_scale, sampler="ddim"
-        )
+        steps, scale, sampler = resolve_defaults(
+            pipe, info, steps=cfg.class_steps, guidance_scale=cfg.class_guidance_scale, sampler=None
+        )  # the model's recommended sampler, with the steps recommended for it
         cprompts = class_prompts(cfg, cfg.num_class_images)
         class_pixels = generate(
-            pipe, cprompts, seeds=list(range(len(cprompts))), num_inference_steps=steps, guidance_scale=scale
+            pipe,
+            cprompts,
+            seeds=list(range(len(cprompts))),
+            sampler=sampler,
+            num_inference_steps=steps,
+            guidance_scale=scale,
         )
         class_latents = encode_image(pipe.vae, class_pixels * 2 - 1)
         class_tokens = text_batch(pipe.tokenizer, cprompts)
@@ -88,8 +104,9 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         pipe.text_encoder.requires_grad_(True)
         modules["text_encoder"] = pipe.text_encoder
     denoiser = UNetDenoiser.from_pipeline(pipe)
-    scale = info.get("recommended", {}).get("guidance_scale", 1.0)
-    kwargs = {"guidance_scale": scale} if is_guidance_conditioned(pipe.unet) else {}
+    # a guidance-conditioned student at s = 1 (w = 0) predicts the conditional model, the denoising loss's
+    # target; at its recommended s > 1 the loss would teach the guided prediction to equal the conditional one
+    kwargs = {"guidance_scale": 1.0} if is_guidance_conditioned(pipe.unet) else {}
     bs = cfg.train.batch_size
 
     def batches(i: int) -> dict:

@@ -52,6 +52,13 @@ class AttributeEntry:
                 raise ConfigError(f"attribute_eval entry {self.name!r}: {key}={value!r} is not a shapes value")
         if not set(self.replace) <= set(data.NOUN_PHRASE):
             raise ConfigError(f"attribute_eval entry {self.name!r}: replace must name some of {data.NOUN_PHRASE}")
+        unset = sorted(set(self.replace) - set(self.set))
+        if unset:  # the caption no longer says it, so the held-out image's random value is no target
+            raise ConfigError(
+                f"attribute_eval entry {self.name!r}: replace names {unset[0]!r} but set gives it no value to score"
+            )
+        if "colour" in self.set and self.set["colour"] == self.set.get("background"):
+            raise ConfigError(f"attribute_eval entry {self.name!r}: set gives colour and background the same value")
 
 
 @dataclass
@@ -65,6 +72,10 @@ class AttributeEvalStage:
     seed: int = 0
     batch_size: int = 50
     grid_images: int = 16
+
+    def __post_init__(self):
+        if self.n_images < 1 or self.batch_size < 1:
+            raise ConfigError("attribute_eval n_images and batch_size must be >= 1")
 
 
 def entry_prompts(entry: AttributeEntry, n: int) -> tuple[list[str], list[dict]]:

@@ -46,6 +46,12 @@ def test_bad_entries_are_one_line_errors():
         A.AttributeEntry(name="x", model="m", set={"colour": "mauve"})
     with pytest.raises(ConfigError, match="replace"):
         A.AttributeEntry(name="x", model="m", replace=["background"])
+    with pytest.raises(ConfigError, match="no value to score"):  # scored against a random colour before
+        A.AttributeEntry(name="x", model="m", replace=["colour"], phrase="sks")
+    with pytest.raises(ConfigError, match="same value"):  # no caption qualified: entry_prompts looped forever
+        A.AttributeEntry(name="x", model="m", set={"colour": "red", "background": "red"})
+    with pytest.raises(ConfigError, match="n_images"):
+        A.AttributeEvalStage(n_images=0)
 
 
 def test_stage_writes_one_row_per_entry_loads_tokens_and_resumes(tiny, tmp_path, monkeypatch):

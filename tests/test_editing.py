@@ -443,6 +443,21 @@ def test_dreambooth_bad_bind_is_a_config_error(tiny_folder, tmp_path):
     cfg = dreambooth.DreamBoothStage(model=str(tiny_folder), bind=["background"], train=_quick())
     with pytest.raises(ConfigError, match="bind"):
         dreambooth.run_dreambooth(cfg, tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "0.png")
+    user = dreambooth.DreamBoothStage(source=concepts.ConceptSource(images=str(folder), template="a photo of {}"))
+    with pytest.raises(ConfigError, match="class noun"):  # the class prompt would be "a photo of"
+        dreambooth.run_dreambooth(user, tmp_path / "user")
+
+
+def test_dreambooth_class_prompts_never_ask_for_a_shape_the_colour_of_its_background():
+    """Binding the shape keeps the concept's colour in every class prompt; a background of that colour has no
+    image (the dataset never draws one), so those prompts are skipped (21 of 200 were before)."""
+    cfg = dreambooth.DreamBoothStage(source=concepts.ConceptSource(concept=CONCEPT), bind=["shape"])
+    prompts = dreambooth.class_prompts(cfg, 200)
+    colour = CONCEPT["colour"]
+    assert len(prompts) == 200 and all(f"{colour} on a {colour} background" not in p for p in prompts)
 
 
 # ----------------------------------------------------------------------------- CLI
