@@ -197,11 +197,13 @@ def sample_to_folder(
     seed: int = 0,
     num_images: int = 1,
     batch_size: int = 8,
+    device: str | torch.device = "cpu",
 ) -> list[Path]:
-    """The ``fewstep sample`` verb: PNGs ``<seed>.png`` plus ``samples.json`` describing them."""
+    """The ``fewstep sample`` verb: PNGs ``<seed>.png`` plus ``samples.json`` describing them; the model runs on
+    ``device`` (the noise is drawn on the CPU, one generator per image, so a seed gives the same start anywhere)."""
     if num_images < 1:
         raise FewstepError(f"--num-images must be >= 1, got {num_images}")
-    pipe = models.load_pipeline(model)
+    pipe = models.load_pipeline(model, device=device)
     steps, scale, sampler = resolve_defaults(
         pipe, models.read_info(model), steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler
     )

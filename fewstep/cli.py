@@ -16,6 +16,20 @@ def _run(args) -> None:
     experiment.run(cfg, dry_run=args.dry_run, force=args.force or [])
 
 
+DEVICE_HELP = "cpu or cuda (default: a GPU when there is one)"
+
+
+def _accelerator(args):
+    """The accelerator a single-process verb runs under: a GPU when there is one, unless ``--device cpu``. The
+    verbs' models load on its device and their training loops run on it (a second GPU: CUDA_VISIBLE_DEVICES)."""
+    import torch
+    from accelerate import Accelerator
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FewstepError("--device cuda: there is no CUDA device on this machine")
+    return Accelerator(cpu=args.device == "cpu")
+
+
 def _sample(args) -> None:
     from baselines import samplers
 
@@ -30,6 +44,7 @@ def _sample(args) -> None:
         num_images=args.num_images,
         batch_size=args.batch_size,
         out=args.out,
+        device=_accelerator(args).device,
     )
     print(f"wrote {len(paths)} images to {args.out}")
 
@@ -45,13 +60,14 @@ def _edit(args) -> None:
     source = common.EditSource(image=args.image, prompt=args.prompt, source_prompt=args.source_prompt)
     shared = dict(model=args.model, source=source, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
     out = Path(args.out)
+    accelerator = _accelerator(args)
     if args.method == "sdedit":
-        rows = sdedit.run_sdedit(sdedit.SDEditStage(**shared, strengths=args.strength or [0.6]), out)
+        stage = sdedit.SDEditStage(**shared, strengths=args.strength or [0.6])
+        rows = sdedit.run_sdedit(stage, out, accelerator=accelerator)
     elif args.method == "inpaint":
         strength = args.strength[0] if args.strength else 1.0
-        rows = inpaint.run_inpaint(
-            inpaint.InpaintStage(**shared, mask=args.mask, strength=strength, composite=not args.no_composite), out
-        )
+        stage = inpaint.InpaintStage(**shared, mask=args.mask, strength=strength, composite=not args.no_composite)
+        rows = inpaint.run_inpaint(stage, out, accelerator=accelerator)
     else:
         stage = imagic.ImagicStage(
             **shared,
@@ -59,7 +75,7 @@ def _edit(args) -> None:
             embedding=TrainConfig(steps=args.embedding_steps, batch_size=4, lr=1e-2, checkpoint_every=10_000),
             finetune=TrainConfig(steps=args.finetune_steps, batch_size=4, lr=1e-4, checkpoint_every=10_000),
         )
-        rows = imagic.run_imagic(stage, out)
+        rows = imagic.run_imagic(stage, out, accelerator=accelerator)
     print(f"wrote {len(rows)} edits to {out / 'edits.jsonl'}")
 
 
@@ -82,6 +98,7 @@ def _train(args) -> None:
     lr = args.lr or (5e-3 if args.method == "textual-inversion" else 5e-5)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed, checkpoint_every=10_000)
     out = Path(args.out)
+    accelerator = _accelerator(args)
     if args.method == "textual-inversion":
         stage = textual_inversion.TextualInversionStage(
             model=args.model,
@@ -90,7 +107,7 @@ def _train(args) -> None:
             num_vectors=args.num_vectors,
             train=train,
         )
-        textual_inversion.run_textual_inversion(stage, out)
+        textual_inversion.run_textual_inversion(stage, out, accelerator=accelerator)
         print(f"wrote {out / textual_inversion.EMBEDS_FILE} (load with pipe.load_textual_inversion)")
     else:
         stage = dreambooth.DreamBoothStage(
@@ -103,7 +120,7 @@ def _train(args) -> None:
             train_text_encoder=args.train_text_encoder,
             train=train,
         )
-        print(f"wrote {dreambooth.run_dreambooth(stage, out)}")
+        print(f"wrote {dreambooth.run_dreambooth(stage, out, accelerator=accelerator)}")
 
 
 def _report(args) -> None:
@@ -152,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--out", required=True, help="output folder for PNGs")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     s.set_defaults(func=_sample)
 
     from editing.common import IMAGE_HELP
@@ -172,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--no-composite", action="store_true", help="inpaint: do not paste unmasked pixels back")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--out", required=True, help="output folder (PNGs and edits.jsonl)")
+    edit.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     edit.set_defaults(func=_edit)
 
     t = sub.add_parser("train", help="personalise a model: textual-inversion | dreambooth", description=IMAGE_HELP)
@@ -192,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="default 5e-3 (textual inversion), 5e-5 (dreambooth)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
+    t.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     t.set_defaults(func=_train)
     rep = sub.add_parser("report", help="render RUN/report/report.md from a run's sweep and edit-eval folders")
     rep.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")

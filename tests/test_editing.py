@@ -520,6 +520,23 @@ def test_cli_bad_input_is_one_line_and_nonzero(tiny_folder, tmp_path, capsys, ex
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("verb", [["sample"], ["edit", "sdedit"], ["train", "dreambooth"]])
+def test_cli_device_cuda_without_a_gpu_is_one_line(tiny_folder, tmp_path, capsys, verb):
+    """sample / edit / train run on the accelerator's device (a GPU when there is one, their models and training
+    loop alike); asking for CUDA where there is none is a one-line error before anything is written."""
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    extra = ["--image", str(tmp_path / "image.png")] if verb[0] == "edit" else []
+    out = tmp_path / "out"
+    args = [*verb, str(tiny_folder), "--prompt", PROMPT, *extra, "--device", "cuda", "--out", str(out)]
+    if verb[0] == "train":
+        args.remove("--prompt"), args.remove(PROMPT)
+    code = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "no CUDA device" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_cli_trains_textual_inversion_from_an_image_folder_and_rejects_a_missing_one(tiny_folder, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
