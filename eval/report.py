@@ -3,6 +3,7 @@ sweep folders (``results.jsonl``) and edit-evaluation folders (``edit_results.js
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -315,9 +316,34 @@ def render_report(
         lines.append("")
     for folder in map(Path, attributes):
         lines += attribute_section(folder, out)
+    lines += stage_times_section(out.parent)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def stage_times_section(run_dir: Path) -> list[str]:
+    """A table of the run folder's finished stages (from each ``stage.json``, in the order they finished) with
+    their wall seconds and the total; [] when there are none."""
+    done = []
+    for path in Path(run_dir).glob("*/stage.json"):
+        state = json.loads(path.read_text())
+        if state.get("status") == "done" and "seconds" in state:
+            done.append((path.stat().st_mtime, state))
+    if not done:
+        return []
+    done.sort(key=lambda pair: pair[0])
+    lines = ["## Stages and wall time", "", "| stage | kind | seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['kind']} | {s['seconds']:.0f} |" for _, s in done]
+    total = sum(s["seconds"] for _, s in done)
+    lines += [
+        f"| **total** | | **{total:.0f}** ({total / 60:.1f} min) |",
+        "",
+        "Seconds of each finished stage's last (or last resumed) run, from its stage.json; the whole command also"
+        " spends a few seconds importing and planning.",
+        "",
+    ]
+    return lines
 
 
 def run_report(cfg: ReportStage, out: Path) -> Path:

@@ -108,6 +108,21 @@ def test_report_renders_tables_plots_and_grids(tmp_path, tiny_clip_folder, edit_
         assert im.height >= 5 * 16 * 3  # one strip per cell
 
 
+def test_stage_times_table_lists_finished_stages_in_order_with_the_total(tmp_path):
+    import json
+    import os
+
+    for i, (name, status, seconds) in enumerate([("b", "done", 30.4), ("a", "done", 12.0), ("c", "running", 5)]):
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "stage.json"
+        path.write_text(json.dumps({"name": name, "kind": "k", "status": status, "seconds": seconds}))
+        os.utime(path, (1000 + i, 1000 + i))
+    lines = R.stage_times_section(tmp_path)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| stage")]
+    assert rows == ["| b | k | 30 |", "| a | k | 12 |", "| **total** | | **42** (0.7 min) |"]
+    assert R.stage_times_section(tmp_path / "b") == []
+
+
 def test_report_of_an_empty_run_says_so(tmp_path):
     from baselines.errors import FewstepError
 
