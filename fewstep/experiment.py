@@ -93,7 +93,7 @@ class PlannedStage:
     hash: str  # config + preset sizes + the hashes of the stages it reads
     own_hash: str = ""  # config + preset sizes only: equal to the stored one when only an input changed
     reads: tuple[str, ...] = ()  # names of the earlier stages whose output it reads
-    files: str = ""  # digest of the user files it names (prompts, image, mask); "" when none
+    missing: tuple[str, ...] = ()  # user files it names that do not exist (an error before it would run)
 
 
 def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
@@ -149,26 +149,32 @@ def _names_shipped(config: dict) -> bool:
 FILE_KEYS = ("prompts", "image", "mask")  # keys naming a user file a stage reads (a folder is not hashed)
 
 
-def files_digest(config: dict, earlier_outputs: Sequence[Path] = ()) -> str:
-    """One digest of the contents of the files a config names under ``FILE_KEYS`` ("" when none), so an edited
-    prompts file, input image or mask reruns the stage although its path, the config, is the same. Dataset
-    names (``shapes``), folders and files inside earlier stages' outputs (their hashes cover them) are left out."""
-    combined, found = hashlib.sha256(), False
+def files_digest(config: dict, earlier_outputs: Sequence[Path] = ()) -> tuple[str, list[str]]:
+    """(one digest of the contents of the files a config names under ``FILE_KEYS``, "" when none; the named
+    files that do not exist). The digest is among the stage's hash inputs, so an edited prompts file, input
+    image or mask reruns the stage, and the stages that read it, although its path (the config) is the same.
+    Dataset names (``shapes``), folders and files inside earlier stages' outputs (their hashes cover them) are
+    left out."""
+    combined, found, missing = hashlib.sha256(), False, []
     earlier = [o.resolve() for o in earlier_outputs]
     for key, value in _named_strings(config):
         path = Path(value)
-        if key not in FILE_KEYS or value == "shapes" or not path.is_file():
+        if key not in FILE_KEYS or value == "shapes" or any(path.resolve().is_relative_to(o) for o in earlier):
             continue
-        if any(path.resolve().is_relative_to(o) for o in earlier):
+        if not path.exists():
+            missing.append(value)
+            digest = "missing"
+        elif path.is_dir():
             continue
-        try:
-            with path.open("rb") as f:
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-        except OSError as e:
-            raise ConfigError(f"cannot read the {key} file {path}: {e.strerror}") from None
+        else:
+            try:
+                with path.open("rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError as e:
+                raise ConfigError(f"cannot read the {key} file {path}: {e.strerror}") from None
         combined.update(f"{key}:{value}:{digest}\n".encode())
         found = True
-    return combined.hexdigest()[:16] if found else ""
+    return (combined.hexdigest()[:16] if found else ""), missing
 
 
 def _first_line(e: Exception) -> str:
@@ -228,11 +234,17 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             inputs = [p.hash for p in reads]
             if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
                 inputs.append(f"shipped:{models.shipped_identity()}")
+        except FewstepError as e:
+            raise ConfigError(f"stages.{name}.preset: {e}") from None
+        files, missing = files_digest(asdict(config), [p.output for p in planned])
+        if files:  # edited user files: an input changed, the stage (and every stage reading it) reruns
+            inputs.append(f"files:{files}")
+        try:
             digest, own = config_hash(config, inputs), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
-        files = files_digest(asdict(config), [p.output for p in planned])
-        planned.append(PlannedStage(name, kind, config, output, digest, own, tuple(p.name for p in reads), files))
+        reads_names = tuple(p.name for p in reads)
+        planned.append(PlannedStage(name, kind, config, output, digest, own, reads_names, tuple(missing)))
     return planned
 
 
@@ -244,8 +256,6 @@ def _read_state(output: Path) -> dict:
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
     output.mkdir(parents=True, exist_ok=True)
     state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash}
-    if stage.files:
-        state["files"] = stage.files
     state.update(status=status, **extra)
     tmp = output / ".stage.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
@@ -256,14 +266,13 @@ def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, reru
     """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
     this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads or a file it names has
     changed since, or a stage it reads runs again in this invocation (``rerun``): rerun) or ``conflict`` (made
-    with another config of its own: replace only with ``--force``). A run recorded before file digests were
-    kept has none stored: its files are taken as the ones it was made with."""
+    with another config of its own: replace only with ``--force``)."""
     if forced:
         return "force"
     if not state:
         return "new"
     if state.get("hash") == stage.hash:
-        if set(stage.reads) & set(rerun) or state.get("files", stage.files) != stage.files:
+        if set(stage.reads) & set(rerun):
             return "stale"
         return "done" if state.get("status") == "done" else "resume"
     return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
@@ -306,6 +315,12 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     conflicts = [s for s in stages if stage_status(s, states[s.name], forced=s.name in force) == "conflict"]
     if conflicts:
         raise _conflict(conflicts, states)
+    will_run: set[str] = set()  # before any output is replaced: a stage that would run without its file fails
+    for s in stages:
+        if stage_status(s, states[s.name], forced=s.name in force, rerun=will_run) != "done":
+            will_run.add(s.name)
+            if s.missing:
+                raise ConfigError(f"stages.{s.name}: file not found: {s.missing[0]}")
 
     from accelerate import Accelerator
 
@@ -321,8 +336,6 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         status = stage_status(s, state, forced=s.name in force, rerun=ran)
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
-            if main and s.files and "files" not in state:  # made before file digests were kept: record them
-                _write_state(s.output, s, "done", **({"seconds": state["seconds"]} if "seconds" in state else {}))
             continue
         if status == "conflict":  # appeared since the check above (another process)
             raise _conflict([s], {s.name: state})

@@ -159,8 +159,9 @@ def test_a_stage_that_takes_the_accelerator_gets_the_runs_also_when_only_the_mai
 
 
 def test_a_stage_reruns_when_a_user_file_it_names_changes(tmp_path, monkeypatch):
-    """A prompts file (or input image, mask) is named by path: editing it must rerun the stage, not skip it
-    as done with the same config."""
+    """A prompts file (or input image, mask) is named by path: editing it reruns the stage and, through its
+    hash, the stages reading it (also in a later invocation); a missing one is an error before any output is
+    replaced; dataset names and folders are not hashed."""
 
     @dataclass
     class _Prompts(_Counted):
@@ -170,31 +171,34 @@ def test_a_stage_reruns_when_a_user_file_it_names_changes(tmp_path, monkeypatch)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     path = tmp_path / "exp.yaml"
-    path.write_text(f"experiment: t\nstages:\n  a: {{kind: counted, prompts: {prompts}}}\n  b: {{kind: counted}}\n")
+    path.write_text(
+        f"experiment: t\nstages:\n  a: {{kind: counted, prompts: {prompts}}}\n"
+        "  b: {kind: counted, reads: '${stages.a.output}/x'}\n  c: {kind: counted}\n"
+    )
     ran = tmp_path / "runs" / "ran.txt"
+
+    def cfg():
+        return experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"])
 
     def run():
         lines = []
-        experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lines.append)
+        experiment.run(cfg(), log=lines.append)
         return lines
 
     run()
     run()
-    assert ran.read_text().split() == ["a", "b"]
+    assert ran.read_text().split() == ["a", "b", "c"]
+    before = {s.name: s.hash for s in experiment.plan(cfg())}
     prompts.write_text("a blue square\n")
+    after = {s.name: s.hash for s in experiment.plan(cfg())}
+    assert before["a"] != after["a"] and before["b"] != after["b"] and before["c"] == after["c"]
     lines = run()
-    assert ran.read_text().split() == ["a", "b", "a"] and any(line.startswith("[rerun] a") for line in lines)
-    # a run recorded before file digests were kept (no "files" in stage.json) is adopted, not rerun, and its
-    # digest recorded, so the next edit reruns it
-    state_path = tmp_path / "runs" / "a" / "stage.json"
-    state = json.loads(state_path.read_text())
-    state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
-    run()
-    assert ran.read_text().split() == ["a", "b", "a"] and "files" in json.loads(state_path.read_text())
-    prompts.write_text("a green triangle\n")
-    run()
-    assert ran.read_text().split() == ["a", "b", "a", "a"]
-    assert not experiment.files_digest({"prompts": "shapes", "image": str(tmp_path)})  # a dataset name, a folder
+    assert ran.read_text().split() == ["a", "b", "c", "a", "b"] and any(line.startswith("[rerun] a") for line in lines)
+    prompts.rename(tmp_path / "moved.txt")
+    with pytest.raises(ConfigError, match="stages.a: file not found"):
+        run()
+    assert (tmp_path / "runs" / "a" / "stage.json").is_file()  # the finished output was not replaced
+    assert experiment.files_digest({"prompts": "shapes", "image": str(tmp_path)}) == ("", [])
 
 
 def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_anything_runs(tmp_path, monkeypatch):
