@@ -83,9 +83,14 @@ def process_group() -> tuple[int, int]:
 
 
 def stage_device(accelerator: Accelerator | None) -> torch.device:
-    """Where a stage loads its models: the accelerator's device (a GPU under accelerate), else the CPU. The
-    training loop moves only the trained modules; frozen teachers, VAEs and text encoders load here."""
-    return accelerator.device if accelerator is not None else torch.device("cpu")
+    """Where a stage loads its models: the accelerator's device, or without one the device an ``Accelerator()``
+    would pick (a GPU when there is one), which is where ``train`` then trains. The training loop moves only the
+    trained modules; frozen teachers, VAEs and text encoders load here."""
+    if accelerator is not None:
+        return accelerator.device
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 def is_main_process() -> bool:

@@ -272,19 +272,31 @@ def write_rows(out: Path, rows: list[dict]) -> Path:
     return out / "edits.jsonl"
 
 
+def finetune_guidance_scale(info: dict) -> float:
+    """The scale a guidance-conditioned student is fine-tuned at with the plain denoising loss: 1, where it
+    predicts the conditional model (the loss's target), or the lowest scale it was distilled on when its
+    ``fewstep.json`` range starts above 1."""
+    return max(1.0, float(info.get("guidance", {}).get("range", [1.0])[0]))
+
+
 class Timer:
-    """Wall-clock seconds of a block: ``with Timer() as t: ...; t.seconds``; waits for queued CUDA work at
-    both ends (kernels run asynchronously, so the last decode would otherwise fall outside the block)."""
+    """Wall-clock seconds of a block: ``with Timer(device) as t: ...; t.seconds``; on a CUDA ``device`` it waits
+    for queued work at both ends (kernels run asynchronously, so the last decode would fall outside the block)."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else None
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def __enter__(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self._sync()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self._sync()
         self.seconds = time.perf_counter() - self.start
 
 

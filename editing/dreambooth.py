@@ -18,7 +18,7 @@ from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditio
 from baselines.losses import denoising_loss
 from baselines.samplers import generate, resolve_defaults
 from baselines.train import TrainConfig, is_main_process, stage_device, train
-from editing.common import encode_image, model_resolution
+from editing.common import encode_image, finetune_guidance_scale, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
 
@@ -104,9 +104,9 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         pipe.text_encoder.requires_grad_(True)
         modules["text_encoder"] = pipe.text_encoder
     denoiser = UNetDenoiser.from_pipeline(pipe)
-    # a guidance-conditioned student at s = 1 (w = 0) predicts the conditional model, the denoising loss's
-    # target; at its recommended s > 1 the loss would teach the guided prediction to equal the conditional one
-    kwargs = {"guidance_scale": 1.0} if is_guidance_conditioned(pipe.unet) else {}
+    # at its recommended s > 1 the loss would teach a guidance-conditioned student's guided prediction to equal
+    # the conditional one: fine-tune it where it predicts the conditional model
+    kwargs = {"guidance_scale": finetune_guidance_scale(info)} if is_guidance_conditioned(pipe.unet) else {}
     bs = cfg.train.batch_size
 
     def batches(i: int) -> dict:

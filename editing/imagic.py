@@ -210,7 +210,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
         folder = out / item.name
         latents = encode_image(pipe.vae, item.pixels[None])
         e_tgt = encode_text(pipe.tokenizer, pipe.text_encoder, [item.prompt])
-        with Timer() as fit:
+        with Timer(pipe.device) as fit:
             e_opt = optimise_embedding(
                 pipe,
                 latents,
@@ -255,7 +255,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
         for run in runs:
             if cfg.save_models:
                 models.save_pipeline(run.pipe, folder / f"model{run.suffix}", run.info)
-            with Timer() as sample:
+            with Timer(run.pipe.device) as sample:
                 images = sample_etas(
                     run.pipe,
                     e_tgt,

@@ -149,7 +149,7 @@ def run_inpaint(cfg: InpaintStage, out: Path, accelerator=None) -> list[dict]:
         mask = user_mask if user_mask is not None else shape_mask(item.geometry, res, cfg.mask_margin)
         input_path = save_image(item.pixels, out / "inputs" / f"{item.name}.png")
         mask_path = save_image(mask.expand(3, -1, -1) * 2 - 1, out / "masks" / f"{item.name}.png")
-        with Timer() as timer:
+        with Timer(pipe.device) as timer:
             image = inpaint(
                 pipe,
                 item.pixels[None],

@@ -139,7 +139,7 @@ def run_sdedit(cfg: SDEditStage, out: Path, accelerator=None) -> list[dict]:
     for k, item in enumerate(inputs):
         input_path = save_image(item.pixels, out / "inputs" / f"{item.name}.png")
         for strength in cfg.strengths:
-            with Timer() as timer:
+            with Timer(pipe.device) as timer:
                 image = sdedit(
                     pipe,
                     item.pixels[None],

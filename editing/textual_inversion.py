@@ -20,7 +20,7 @@ from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
 from baselines.train import TrainConfig, is_main_process, stage_device, train
-from editing.common import encode_image, model_resolution
+from editing.common import encode_image, finetune_guidance_scale, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
 from editing.imagic import freeze
 
@@ -99,7 +99,11 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
     rows = NewTokenRows(original, first)
     pipe.text_encoder.set_input_embeddings(rows)
     denoiser = UNetDenoiser.from_pipeline(pipe)
-    kwargs = {"guidance_scale": cfg.guidance_scale or 1.0} if is_guidance_conditioned(pipe.unet) else {}
+    conditioned = is_guidance_conditioned(pipe.unet)
+    if cfg.guidance_scale is not None and not conditioned:
+        raise ConfigError(f"guidance_scale is for a guidance-conditioned student; {cfg.model} takes no scale")
+    scale = cfg.guidance_scale or (finetune_guidance_scale(models.read_info(cfg.model)) if conditioned else 1.0)
+    kwargs = {"guidance_scale": scale} if conditioned else {}
     n, bs = len(prompts), cfg.train.batch_size
 
     def batches(i: int) -> dict:

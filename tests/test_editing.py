@@ -396,6 +396,22 @@ def test_textual_inversion_rejects_an_existing_token(tiny_folder, tmp_path):
         textual_inversion.run_textual_inversion(cfg, tmp_path)
 
 
+def test_textual_inversion_guidance_scale_is_only_for_a_guidance_conditioned_student(tiny_folder, tmp_path):
+    cfg = textual_inversion.TextualInversionStage(
+        model=str(tiny_folder), source=concepts.ConceptSource(concept=CONCEPT), guidance_scale=3.0, train=_quick()
+    )
+    with pytest.raises(ConfigError, match="takes no scale"):  # it was silently ignored
+        textual_inversion.run_textual_inversion(cfg, tmp_path)
+
+
+def test_a_guidance_conditioned_student_is_finetuned_where_it_predicts_the_conditional_model():
+    """s = 1 (w = 0) is the conditional prediction the denoising loss targets; a student distilled only on
+    scales above 1 is fine-tuned at the lowest it knows."""
+    assert common.finetune_guidance_scale({}) == 1.0
+    assert common.finetune_guidance_scale({"guidance": {"range": [1.0, 6.0]}}) == 1.0
+    assert common.finetune_guidance_scale({"guidance": {"range": [2.0, 8.0]}}) == 2.0
+
+
 # ----------------------------------------------------------------------------- DreamBooth
 
 
