@@ -27,7 +27,10 @@ def _accelerator(args):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FewstepError("--device cuda: there is no CUDA device on this machine")
-    return Accelerator(cpu=args.device == "cpu")
+    try:
+        return Accelerator(cpu=args.device == "cpu")
+    except ValueError as e:  # accelerate keeps one state per process: a second verb asking another device
+        raise FewstepError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
 
 
 def _sample(args) -> None:
