@@ -178,6 +178,17 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The named attributes of item ``index`` without rendering its image."""
         return sample_attributes(np.random.default_rng([self.seed, SPLITS[self.split], int(index)]))
 
+    def attributes_with(self, fixed: dict, n: int) -> list[dict]:
+        """Named attributes of the first ``n`` items (from index 0) with ``fixed`` set on top, skipping any that
+        would put a shape on a background of its own colour (an image the dataset never draws)."""
+        out, index = [], 0
+        while len(out) < n:
+            attributes = {**self.attributes_of(index), **fixed}
+            index += 1
+            if attributes["colour"] != attributes["background"]:
+                out.append(attributes)
+        return out
+
     def caption_of(self, index: int) -> str:
         """The caption of item ``index`` without rendering its image."""
         return caption(self.attributes_of(index))

@@ -8,7 +8,6 @@ Pixel convention: images are (B,3,H,W) in [-1, 1]; latents are scaled by the VAE
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,27 +276,6 @@ def finetune_guidance_scale(info: dict) -> float:
     predicts the conditional model (the loss's target), or the lowest scale it was distilled on when its
     ``fewstep.json`` range starts above 1."""
     return max(1.0, float(info.get("guidance", {}).get("range", [1.0])[0]))
-
-
-class Timer:
-    """Wall-clock seconds of a block: ``with Timer(device) as t: ...; t.seconds``; on a CUDA ``device`` it waits
-    for queued work at both ends (kernels run asynchronously, so the last decode would fall outside the block)."""
-
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device) if device is not None else None
-
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self):
-        self._sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
 
 
 def load_mask(path: str | Path, image_path: str | Path | None, resolution: int) -> Tensor:

@@ -53,13 +53,7 @@ def class_prompts(cfg: DreamBoothStage, n: int) -> list[str]:
         return [cfg.source.template.format(cfg.class_noun).strip()] * n
     fixed = {k: v for k, v in cfg.source.concept.items() if k not in cfg.bind}
     stream = data.ShapesDataset(split="train", seed=cfg.source.seed + 1)
-    prompts, i = [], 0
-    while len(prompts) < n:  # a fixed colour may meet an equal background: no such image, skip it
-        attributes = {**stream.attributes_of(i), **fixed}
-        i += 1
-        if attributes["colour"] != attributes["background"]:
-            prompts.append(data.caption(attributes, replace=cfg.bind))
-    return prompts
+    return [data.caption(a, replace=cfg.bind) for a in stream.attributes_with(fixed, n)]
 
 
 def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:

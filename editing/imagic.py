@@ -29,10 +29,10 @@ from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.losses import denoising_loss
 from baselines.samplers import resolve_defaults
+from baselines.timing import Timer
 from baselines.train import TrainConfig, is_main_process, stage_device, train
 from editing.common import (
     EditSource,
-    Timer,
     decode_latents,
     edit_row,
     encode_image,

@@ -17,10 +17,10 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text
 from baselines.samplers import resolve_defaults
+from baselines.timing import Timer
 from baselines.train import stage_device
 from editing.common import (
     EditSource,
-    Timer,
     decode_latents,
     draw_noise,
     edit_row,

@@ -17,11 +17,11 @@ from baselines import models
 from baselines.errors import ConfigError
 from baselines.guidance import CFGDenoiser, UNetDenoiser, encode_text, is_guidance_conditioned
 from baselines.samplers import resolve_defaults, unet_evaluations
+from baselines.timing import Timer
 from baselines.train import stage_device
 from editing.common import (
     EditSource,
     StepCallback,
-    Timer,
     ddim_partial,
     decode_latents,
     draw_noise,

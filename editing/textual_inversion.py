@@ -102,8 +102,11 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
     conditioned = is_guidance_conditioned(pipe.unet)
     if cfg.guidance_scale is not None and not conditioned:
         raise ConfigError(f"guidance_scale is for a guidance-conditioned student; {cfg.model} takes no scale")
-    scale = cfg.guidance_scale or (finetune_guidance_scale(models.read_info(cfg.model)) if conditioned else 1.0)
-    kwargs = {"guidance_scale": scale} if conditioned else {}
+    kwargs = (
+        {"guidance_scale": cfg.guidance_scale or finetune_guidance_scale(models.read_info(cfg.model))}
+        if conditioned
+        else {}
+    )
     n, bs = len(prompts), cfg.train.batch_size
 
     def batches(i: int) -> dict:

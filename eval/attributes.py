@@ -81,16 +81,8 @@ class AttributeEvalStage:
 def entry_prompts(entry: AttributeEntry, n: int) -> tuple[list[str], list[dict]]:
     """``n`` prompts from held-out captions (skipping those where the set colour would equal the
     background) and the attributes their images should show."""
-    ds = data.ShapesDataset(split="heldout")
-    prompts, targets, index = [], [], 0
-    while len(prompts) < n:
-        target = {**ds.attributes_of(index), **entry.set}
-        index += 1
-        if target["colour"] == target["background"]:
-            continue
-        prompts.append(data.caption(target, replace=entry.replace, phrase=entry.phrase))
-        targets.append(target)
-    return prompts, targets
+    targets = data.ShapesDataset(split="heldout").attributes_with(entry.set, n)
+    return [data.caption(t, replace=entry.replace, phrase=entry.phrase) for t in targets], targets
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

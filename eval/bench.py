@@ -22,6 +22,7 @@ from baselines import data, models
 from baselines.errors import FewstepError
 from baselines.guidance import get_guidance_scale_embedding, is_guidance_conditioned
 from baselines.samplers import generate, prompt_states, resolve_defaults, unet_evaluations
+from baselines.timing import Timer
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -41,18 +42,11 @@ def bench_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds(fn, device: torch.device) -> float:
     """Wall seconds of ``fn()``, waiting for the device's queued kernels before and after (CUDA is asynchronous)."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+    with Timer(device) as timer:
+        fn()
+    return timer.seconds
 
 
 @torch.no_grad()

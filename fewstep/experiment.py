@@ -229,17 +229,14 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             raise ConfigError(f"{where}: {_first_line(e)}") from None
         except FewstepError as e:
             raise ConfigError(f"stages.{name}: {e}") from None
-        try:
-            reads = _reads(config, planned)
-            inputs = [p.hash for p in reads]
-            if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
-                inputs.append(f"shipped:{models.shipped_identity()}")
-        except FewstepError as e:
-            raise ConfigError(f"stages.{name}.preset: {e}") from None
+        reads = _reads(config, planned)
+        inputs = [p.hash for p in reads]
         files, missing = files_digest(asdict(config), [p.output for p in planned])
         if files:  # edited user files: an input changed, the stage (and every stage reading it) reruns
             inputs.append(f"files:{files}")
         try:
+            if _names_shipped(asdict(config)):  # new shipped weights: an input changed, the stage reruns
+                inputs.append(f"shipped:{models.shipped_identity()}")
             digest, own = config_hash(config, inputs), config_hash(config)
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
@@ -278,6 +275,17 @@ def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, reru
     return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
 
 
+def _statuses(stages: list[PlannedStage], states: dict[str, dict], force: Sequence[str]) -> dict[str, str]:
+    """Each stage's status before anything runs, a stage reading one that will run counted stale."""
+    statuses: dict[str, str] = {}
+    will_run: set[str] = set()
+    for s in stages:
+        statuses[s.name] = stage_status(s, states[s.name], forced=s.name in force, rerun=will_run)
+        if statuses[s.name] != "done":
+            will_run.add(s.name)
+    return statuses
+
+
 def _conflict(stages: list[PlannedStage], states: dict[str, dict]) -> ConfigError:
     """One error naming every stage whose output was made with another config of its own."""
     if len(stages) == 1:
@@ -302,25 +310,20 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     if unknown:
         raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
     states = {s.name: _read_state(s.output) for s in stages}
+    statuses = _statuses(stages, states, force)
     if dry_run:
-        rerun: set[str] = set()
         for s in stages:
-            status = stage_status(s, states[s.name], forced=s.name in force, rerun=rerun)
-            if status != "done":
-                rerun.add(s.name)
+            status = statuses[s.name]
             label = {"new": "to run", "resume": "to resume", "stale": "to rerun: an input changed"}.get(status, status)
             log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
         return stages
-    conflicts = [s for s in stages if stage_status(s, states[s.name], forced=s.name in force) == "conflict"]
+    conflicts = [s for s in stages if statuses[s.name] == "conflict"]
     if conflicts:
         raise _conflict(conflicts, states)
-    will_run: set[str] = set()  # before any output is replaced: a stage that would run without its file fails
-    for s in stages:
-        if stage_status(s, states[s.name], forced=s.name in force, rerun=will_run) != "done":
-            will_run.add(s.name)
-            if s.missing:
-                raise ConfigError(f"stages.{s.name}: file not found: {s.missing[0]}")
+    for s in stages:  # before any output is replaced: a stage that would run without its file fails
+        if s.missing and statuses[s.name] != "done":
+            raise ConfigError(f"stages.{s.name}: file not found: {s.missing[0]}")
 
     from accelerate import Accelerator
 
