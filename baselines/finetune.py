@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -27,7 +28,9 @@ class FinetuneTeacherStage:
     """Continue training ``model``'s U-Net on ``dataset`` (a fresh stream: ``seed``)."""
 
     kind: str = "finetune_teacher"
+    hashed_when_set: ClassVar[tuple[str, ...]] = ("vae",)
     model: str = "shapes"
+    vae: str | None = None  # a VAE folder to swap in (its latents are re-cached; the U-Net adapts to them)
     dataset: str = "shapes"
     seed: int = 1
     cond_dropout: float = 0.1
@@ -44,6 +47,8 @@ def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None)
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
     pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
+    if cfg.vae is not None:
+        pipe.vae = models.load_vae(cfg.vae).to(pipe.device)
     T = pipe.scheduler.config.num_train_timesteps
     if cfg.max_timestep is not None and not 0 <= cfg.max_timestep < T:
         raise ConfigError(f"max_timestep must be in [0, {T}), got {cfg.max_timestep}")

@@ -114,6 +114,14 @@ def build_vae(preset: Preset) -> AutoencoderKL:
     )
 
 
+def load_vae(folder: str | os.PathLike) -> AutoencoderKL:
+    """A trained ``AutoencoderKL`` folder (fp32, safetensors only); a missing folder is a one-line error."""
+    try:
+        return AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+    except OSError as e:
+        raise FewstepError(f"cannot load VAE {str(folder)!r}: {str(e).splitlines()[0]}") from None
+
+
 def build_clip(preset: Preset, tokenizer: CLIPTokenizer) -> CLIPModel:
     """A randomly initialised CLIP whose text config agrees with ``tokenizer`` (ids and length).
 

@@ -33,8 +33,10 @@ class TrainVAEStage:
 
     kind: str = "train_vae"
     preset_parts: ClassVar[tuple[str, ...]] = ("resolution", "vae")  # sizes hashed with the config
+    hashed_when_set: ClassVar[tuple[str, ...]] = ("init",)
     preset: str = "shapes"
     dataset: str = "shapes"
+    init: str | None = None  # a VAE folder to continue training (its sizes, not the preset's)
     seed: int = 0
     kl_weight: float = 1e-6
     recon_loss: str = "l1"  # l1 | mse (L1 keeps edges sharper)
@@ -106,7 +108,7 @@ def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
         raise ConfigError(f"recon_loss must be 'l1' or 'mse', got {cfg.recon_loss!r}")
     preset = models.get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
-    vae = models.build_vae(preset)
+    vae = models.build_vae(preset) if cfg.init is None else models.load_vae(cfg.init)
     dataset = data.make_dataset(cfg.dataset, resolution=preset.resolution, seed=cfg.seed)
 
     def loss(batch, generator):
@@ -372,10 +374,7 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
     preset = models.get_preset(cfg.preset)
-    try:
-        vae = AutoencoderKL.from_pretrained(cfg.vae, use_safetensors=True).eval().requires_grad_(False)
-    except OSError as e:
-        raise FewstepError(f"vae {cfg.vae!r}: not an AutoencoderKL folder ({str(e).splitlines()[0]})") from None
+    vae = models.load_vae(cfg.vae).eval().requires_grad_(False)
     clip, tokenizer = models.load_clip(cfg.clip)
     text_encoder = models.text_encoder_from_clip(clip).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)

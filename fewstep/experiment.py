@@ -97,7 +97,8 @@ class PlannedStage:
 
 
 def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
-    """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields, plus what the config
+    """sha256 (first 16 hex digits) of a stage config, ignoring run-only fields and the options a config
+    class lists in ``hashed_when_set`` while they are None, plus what the config
     names but does not spell out: the sizes of the preset components it builds (``preset_parts``) and
     the hashes of the earlier stages whose outputs it reads (``inputs``). Either changes the hash."""
 
@@ -107,6 +108,9 @@ def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
         return x
 
     payload = strip(asdict(config))
+    for key in getattr(config, "hashed_when_set", ()):  # options added after models shipped: unset = as before
+        if payload.get(key) is None:
+            payload.pop(key, None)
     parts = getattr(config, "preset_parts", ())
     if parts:
         sizes = asdict(models.get_preset(config.preset))

@@ -57,6 +57,35 @@ def test_hash_ignores_run_only_fields_but_not_training_ones():
     assert base == same != other
 
 
+def test_an_option_added_later_is_hashed_only_when_set(tmp_path):
+    """``init`` (train_vae) and ``vae`` (finetune_teacher) came after models shipped: unset, a stage's hash is
+    what it was without the field (so shipped hashes stay valid); set, it changes."""
+    import dataclasses
+
+    from baselines.finetune import FinetuneTeacherStage
+    from baselines.teacher import TrainVAEStage
+
+    @dataclass
+    class Before:  # TrainVAEStage as shipped, without ``init``
+        kind: str = "train_vae"
+        preset_parts = TrainVAEStage.preset_parts
+        preset: str = "shapes"
+        dataset: str = "shapes"
+        seed: int = 0
+        kl_weight: float = 1e-6
+        recon_loss: str = "l1"
+        scale_images: int = 2048
+        train: object = dataclasses.field(default_factory=lambda: TrainVAEStage().train)
+
+    names = [f.name for f in dataclasses.fields(TrainVAEStage)]
+    assert [n for n in names if n != "init"] == [f.name for f in dataclasses.fields(Before)]
+    assert experiment.config_hash(TrainVAEStage()) == experiment.config_hash(Before())
+    assert experiment.config_hash(TrainVAEStage(init=str(tmp_path))) != experiment.config_hash(TrainVAEStage())
+    assert experiment.config_hash(FinetuneTeacherStage(vae=str(tmp_path))) != experiment.config_hash(
+        FinetuneTeacherStage()
+    )
+
+
 def _hashes(*overrides: str) -> dict[str, str]:
     return {s.name: s.hash for s in experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", overrides))}
 

@@ -52,3 +52,66 @@ def test_cfg_training_loss_drops_captions_to_the_pipelines_empty_prompt_states(t
     dropped = [torch.equal(row, uncond[0]) for row in seen[0]]
     kept = [torch.equal(row, cond[0]) for row in seen[0]]
     assert all(d != k for d, k in zip(dropped, kept)) and 0 < sum(dropped) < 16, dropped
+
+
+def test_finetune_teacher_with_another_vae_trains_on_its_latents_and_saves_it(tmp_path, monkeypatch):
+    """``finetune_teacher`` with ``vae``: the saved pipeline carries that VAE bit for bit (the text encoder
+    stays the parent's), and the U-Net trained on that VAE's latents; a missing VAE folder is one line."""
+    import pytest
+
+    from baselines import models
+    from baselines.errors import FewstepError
+    from baselines.finetune import FinetuneTeacherStage, run_finetune_teacher
+    from baselines.train import TrainConfig
+
+    parent = models.build_pipeline("tiny", seed=0)
+    models.save_pipeline(parent, tmp_path / "parent", {"method": "teacher"})
+    torch.manual_seed(1)
+    other = models.build_vae(models.get_preset("tiny"))
+    other.register_to_config(scaling_factor=0.5)
+    other.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    seen = []
+    import baselines.finetune as finetune
+
+    cache_latents = finetune.cache_latents
+    monkeypatch.setattr(finetune, "cache_latents", lambda vae, *a: seen.append(vae) or cache_latents(vae, *a))
+    cfg = FinetuneTeacherStage(
+        model=str(tmp_path / "parent"),
+        vae=str(tmp_path / "vae"),
+        cache_images=8,
+        train=TrainConfig(steps=1, batch_size=4, checkpoint_every=1),
+    )
+    run_finetune_teacher(cfg, tmp_path / "out")
+    saved = models.load_pipeline(tmp_path / "out" / "model")
+    assert saved.vae.config.scaling_factor == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(saved.vae.state_dict().values(), other.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(saved.text_encoder.state_dict().values(), parent.text_encoder.state_dict().values())
+    )
+    assert len(seen) == 1 and all(
+        torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(), other.state_dict().values())
+    )
+    with pytest.raises(FewstepError, match="cannot load VAE"):
+        run_finetune_teacher(
+            FinetuneTeacherStage(model=str(tmp_path / "parent"), vae=str(tmp_path / "nope")), tmp_path / "x"
+        )
+
+
+def test_train_vae_with_init_continues_from_that_vae(tmp_path):
+    """``train_vae`` with ``init`` starts from that folder's weights (at lr 0 it saves them unchanged, with the
+    scaling factor measured anew) instead of a fresh random VAE."""
+    from baselines import models
+    from baselines.teacher import TrainVAEStage, run_train_vae
+    from baselines.train import TrainConfig
+
+    torch.manual_seed(3)
+    start = models.build_vae(models.get_preset("tiny"))
+    start.save_pretrained(tmp_path / "start", safe_serialization=True)
+    cfg = TrainVAEStage(
+        preset="tiny", init=str(tmp_path / "start"), scale_images=8, train=TrainConfig(steps=1, batch_size=4, lr=0.0)
+    )
+    run_train_vae(cfg, tmp_path / "out")
+    saved = models.load_vae(tmp_path / "out" / "model")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), start.state_dict().values()))
+    assert saved.config.scaling_factor != 1.0
