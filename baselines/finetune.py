@@ -1,5 +1,6 @@
 """The ``finetune_teacher`` stage: continue training a text-to-image pipeline's U-Net on a dataset, with
-its own frozen VAE and text encoder, on the teacher's loss (classifier-free caption dropout included).
+its own frozen text encoder and its own frozen VAE (or ``vae``'s, swapped in: the U-Net then learns that
+VAE's latents), on the teacher's loss (classifier-free caption dropout included).
 
 Any pipeline folder works: the shipped ``shapes`` teacher, one trained by ``train_teacher``, or a Stable
 Diffusion folder with a caption folder as data. ``max_timestep`` restricts training to low noise
@@ -43,12 +44,20 @@ class FinetuneTeacherStage:
 
 
 def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None) -> None:
-    """Fine-tune the U-Net and save the whole pipeline (other components unchanged) to ``<out>/model``."""
+    """Fine-tune the U-Net and save the whole pipeline to ``<out>/model`` (the other components unchanged but
+    for the VAE when ``vae`` swaps one in)."""
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
     pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     if cfg.vae is not None:
-        pipe.vae = models.load_vae(cfg.vae).to(pipe.device)
+        vae = models.load_vae(cfg.vae)
+        levels, parent_levels = len(vae.config.block_out_channels), len(pipe.vae.config.block_out_channels)
+        if vae.config.latent_channels != pipe.unet.config.in_channels or levels != parent_levels:
+            raise ConfigError(
+                f"vae {cfg.vae!r}: {vae.config.latent_channels} latent channels and {levels} levels; the U-Net "
+                f"takes {pipe.unet.config.in_channels} channels on the latent grid of a {parent_levels}-level VAE"
+            )
+        pipe.vae = vae.to(pipe.device)
     T = pipe.scheduler.config.num_train_timesteps
     if cfg.max_timestep is not None and not 0 <= cfg.max_timestep < T:
         raise ConfigError(f"max_timestep must be in [0, {T}), got {cfg.max_timestep}")

@@ -115,10 +115,13 @@ def build_vae(preset: Preset) -> AutoencoderKL:
 
 
 def load_vae(folder: str | os.PathLike) -> AutoencoderKL:
-    """A trained ``AutoencoderKL`` folder (fp32, safetensors only); a missing folder is a one-line error."""
+    """A trained ``AutoencoderKL`` folder (fp32, safetensors only); a missing or other folder is a one-line error."""
+    config = Path(folder) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") != "AutoencoderKL":
+        raise FewstepError(f"cannot load VAE {str(folder)!r}: its config.json is not an AutoencoderKL's")
     try:
         return AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise FewstepError(f"cannot load VAE {str(folder)!r}: {str(e).splitlines()[0]}") from None
 
 

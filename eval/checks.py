@@ -16,6 +16,7 @@ from baselines import data, models
 from baselines.errors import FewstepError
 from baselines.guidance import is_guidance_conditioned
 from baselines.samplers import generate, unet_evaluations
+from baselines.train import stage_device
 from eval.grids import save_grid
 from eval.metrics import (
     FeatureStats,
@@ -115,9 +116,10 @@ class CheckTeacherStage:
     seed: int = 0
 
 
-def run_check_teacher(cfg: CheckTeacherStage, out: Path) -> dict:
-    """Sample held-out captions with one seed per image; measure accuracy and FD; save grids."""
-    pipe = models.load_pipeline(cfg.model)
+def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> dict:
+    """Sample held-out captions with one seed per image (on the run's device: a GPU when there is one); measure
+    accuracy and FD (on the CPU); save grids."""
+    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     info = models.read_info(cfg.model)
     clip = load_clip_model(cfg.clip)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor

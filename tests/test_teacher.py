@@ -57,10 +57,12 @@ def test_cfg_training_loss_drops_captions_to_the_pipelines_empty_prompt_states(t
 def test_finetune_teacher_with_another_vae_trains_on_its_latents_and_saves_it(tmp_path, monkeypatch):
     """``finetune_teacher`` with ``vae``: the saved pipeline carries that VAE bit for bit (the text encoder
     stays the parent's), and the U-Net trained on that VAE's latents; a missing VAE folder is one line."""
+    import dataclasses
+
     import pytest
 
     from baselines import models
-    from baselines.errors import FewstepError
+    from baselines.errors import ConfigError, FewstepError
     from baselines.finetune import FinetuneTeacherStage, run_finetune_teacher
     from baselines.train import TrainConfig
 
@@ -92,6 +94,16 @@ def test_finetune_teacher_with_another_vae_trains_on_its_latents_and_saves_it(tm
     assert len(seen) == 1 and all(
         torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(), other.state_dict().values())
     )
+    fewer = models.build_vae(
+        dataclasses.replace(models.get_preset("tiny"), vae=dict(models.get_preset("tiny").vae, latent_channels=2))
+    )
+    fewer.save_pretrained(tmp_path / "vae2", safe_serialization=True)
+    with pytest.raises(ConfigError, match="2 latent channels"):
+        run_finetune_teacher(
+            FinetuneTeacherStage(model=str(tmp_path / "parent"), vae=str(tmp_path / "vae2")), tmp_path / "y"
+        )
+    with pytest.raises(FewstepError, match="not an AutoencoderKL"):
+        models.load_vae(tmp_path / "parent" / "unet")
     with pytest.raises(FewstepError, match="cannot load VAE"):
         run_finetune_teacher(
             FinetuneTeacherStage(model=str(tmp_path / "parent"), vae=str(tmp_path / "nope")), tmp_path / "x"
