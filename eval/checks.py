@@ -198,6 +198,9 @@ class ShipStage:
     target: str = "baselines/pretrained"
     config: str = "configs/teacher-shapes.yaml"
     max_mib: float = 16.0
+    # the guidance `fewstep sample shapes` and every stage use by default (None: the teacher's own); chosen
+    # from check_teacher and the sweep's trade-off, after training, so it does not touch a training stage's hash
+    recommended_guidance_scale: float | None = None
 
 
 def run_ship(cfg: ShipStage, out: Path) -> dict:
@@ -213,12 +216,17 @@ def run_ship(cfg: ShipStage, out: Path) -> dict:
     clip, tokenizer = models.load_clip(cfg.clip)
     info = models.read_info(cfg.teacher)
     info["shipped_from"] = {"config": cfg.config, "stage_hashes": hashes}
+    if cfg.recommended_guidance_scale is not None:
+        info["recommended"] = {**info.get("recommended", {}), "guidance_scale": cfg.recommended_guidance_scale}
     models.save_pipeline(pipe, target / "shapes", info, half=True)
     models.save_clip(clip, tokenizer, target / "clip", half=True)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     if size > cfg.max_mib:
         raise FewstepError(f"shipped models take {size:.1f} MiB > {cfg.max_mib} MiB; shrink the preset")
-    manifest = {"config": cfg.config, "stage_hashes": hashes, "size_mib": round(size, 2)}
+    # the recommended settings change what every stage naming `shapes` does by default, so they are part of
+    # the manifest (whose digest is the shipped models' identity, models.shipped_identity)
+    manifest = {"config": cfg.config, "stage_hashes": hashes, "recommended": info.get("recommended", {}),
+                "size_mib": round(size, 2)}
     (target / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     (out / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(target / "MANIFEST.json", out / "MANIFEST.json")

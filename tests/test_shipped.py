@@ -33,3 +33,13 @@ def test_recorded_config_hashes_match_the_config():
     for stage, digest in manifest["stage_hashes"].items():
         assert planned[stage] == digest, f"{stage}: shipped weights were made by another config"
     assert set(manifest["stage_hashes"]) >= {"vae", "clip", "teacher"}
+
+
+def test_shipped_recommended_guidance_is_the_ship_stages_choice():
+    """The shipped teacher recommends the guidance configs/teacher-shapes.yaml's ship stage chose, and the
+    manifest (the shipped models' identity) records it."""
+    stages = experiment.load_config(ROOT / "configs/teacher-shapes.yaml").stages
+    chosen = stages["ship"]["recommended_guidance_scale"]
+    manifest = json.loads((PACKAGED / "MANIFEST.json").read_text())
+    assert read_info("shapes")["recommended"]["guidance_scale"] == chosen
+    assert manifest["recommended"]["guidance_scale"] == chosen

@@ -127,3 +127,33 @@ def test_train_vae_with_init_continues_from_that_vae(tmp_path):
     saved = models.load_vae(tmp_path / "out" / "model")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), start.state_dict().values()))
     assert saved.config.scaling_factor != 1.0
+
+
+def test_ship_writes_fp16_models_and_the_chosen_recommended_guidance(tiny_pipe, tmp_path):
+    """``ship`` records the stages' hashes and, when ``recommended_guidance_scale`` is set, writes it into the
+    shipped teacher's fewstep.json and the manifest; the other recommended settings stay the teacher's."""
+    import json
+
+    from baselines import models
+    from eval.checks import ShipStage, run_ship
+
+    models.save_pipeline(tiny_pipe, tmp_path / "teacher", {"method": "teacher",
+                                                           "recommended": {"guidance_scale": 4.0, "num_inference_steps": 50}})
+    tokenizer = models.build_tokenizer()
+    models.save_clip(models.build_clip(models.get_preset("tiny"), tokenizer), tokenizer, tmp_path / "clip")
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "stage.json").write_text(json.dumps({"status": "done", "name": "teacher", "hash": "abc"}))
+    cfg = ShipStage(teacher=str(tmp_path / "teacher"), clip=str(tmp_path / "clip"), from_stages=[str(tmp_path / "stage")],
+                    target=str(tmp_path / "pretrained"), recommended_guidance_scale=2.0)
+    manifest = run_ship(cfg, tmp_path / "out")
+    info = models.read_info(tmp_path / "pretrained" / "shapes")
+    assert info["recommended"] == {"guidance_scale": 2.0, "num_inference_steps": 50}
+    assert manifest["recommended"] == info["recommended"] and manifest["stage_hashes"] == {"teacher": "abc"}
+    weights = next((tmp_path / "pretrained" / "shapes" / "unet").glob("*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys() if f.get_tensor(k).is_floating_point())
+    cfg.recommended_guidance_scale = None
+    run_ship(cfg, tmp_path / "out")
+    assert models.read_info(tmp_path / "pretrained" / "shapes")["recommended"]["guidance_scale"] == 4.0
