@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from baselines import data, models
-from baselines.errors import FewstepError
+from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import generate, unet_evaluations
+from baselines.samplers import DEFAULT_GUIDANCE_SCALE, generate, unet_evaluations
 from baselines.train import stage_device
 from eval.grids import save_grid
 from eval.metrics import (
@@ -155,7 +155,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> di
     scale = (
         cfg.fd_guidance_scale
         if cfg.fd_guidance_scale is not None
-        else info.get("recommended", {}).get("guidance_scale", 4.0)
+        else info.get("recommended", {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     )
     extract = get_extractor(cfg.extractor)
     real = ds.batch(range(cfg.fd_images, 2 * cfg.fd_images))
@@ -201,6 +201,10 @@ class ShipStage:
     # the guidance `fewstep sample shapes` and every stage use by default (None: the teacher's own); chosen
     # from check_teacher and the sweep's trade-off, after training, so it does not touch a training stage's hash
     recommended_guidance_scale: float | None = None
+
+    def __post_init__(self):
+        if self.recommended_guidance_scale is not None and self.recommended_guidance_scale < 1:
+            raise ConfigError(f"ship.recommended_guidance_scale must be >= 1, got {self.recommended_guidance_scale}")
 
 
 def run_ship(cfg: ShipStage, out: Path) -> dict:

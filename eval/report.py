@@ -102,6 +102,11 @@ def _plt():
     return plt
 
 
+def wide_range(values: list[float], ratio: float = 10.0) -> bool:
+    """Whether positive ``values`` span more than ``ratio`` x, so a plot of them reads better on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) > ratio * min(values)
+
+
 def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
     """Metric vs U-Net evaluations per image (log x), one line per (method line, guidance scale)."""
     plt = _plt()
@@ -128,7 +133,11 @@ def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("U-Net evaluations per image (log)")
-    ax.set_ylabel(metric)
+    values = [r[metric] for rs in groups.values() for r in rs]
+    log_y = wide_range(values)
+    if log_y:  # a 1-step sampler's FD in the 1000s would flatten every other line to the axis
+        ax.set_yscale("log")
+    ax.set_ylabel(f"{metric} (log)" if log_y else metric)
     ax.set_title(f"{metric} vs sampling cost")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

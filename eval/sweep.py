@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import SAMPLERS, generate, unet_evaluations
+from baselines.samplers import DEFAULT_GUIDANCE_SCALE, SAMPLERS, generate, unet_evaluations
 from baselines.train import process_group, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
@@ -69,7 +69,7 @@ class SweepStage:
     prompts: str | None = None  # a text file, one prompt per line (overrides the dataset's captions)
     samplers: list[str] = field(default_factory=lambda: ["ddim"])
     steps: list[int] = field(default_factory=lambda: [4])
-    guidance_scales: list[float] = field(default_factory=lambda: [4.0])
+    guidance_scales: list[float] | None = None  # default: each model's recommended scale (fewstep.json)
     n_images: int = 200
     reference_images: int = 2000
     extractors: list[str] = field(default_factory=lambda: ["embedded"])  # FD / KID on each: FID, FD-clip, ...
@@ -175,8 +175,10 @@ def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: 
         scales = entry["guidance_scales"]
     elif student and not guidance_conditioned:
         scales = [rec.get("guidance_scale", 1.0)]
-    else:
+    elif cfg.guidance_scales:
         scales = cfg.guidance_scales
+    else:
+        scales = [rec.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)]
     if None in steps:
         raise FewstepError(f"model {entry['name']!r}: fewstep.json has no recommended steps; give 'steps'")
     return [(s, int(n), float(w)) for s in samplers for n in steps for w in scales]

@@ -224,3 +224,11 @@ def test_rows_that_would_share_a_table_cell_get_distinct_lines():
     assert labels[1] == labels[2]  # one chain, one line
     assert labels[4].startswith(f"{label} [Euler]") and "progressive_b" in labels[3]
     assert [r["label"] for r in R.distinct_lines(rows[:3])] == [r["label"] for r in rows[:3]]  # no clash: as is
+
+
+def test_metric_plots_go_log_only_when_values_span_a_wide_range():
+    """A 1-step sampler's FD of ~1000 next to students' ~60-70 (over 10x) gets a log axis; CLIP scores
+    (85-92) or any set with a non-positive value keep a linear one."""
+    assert R.wide_range([1035.0, 698.6, 71.7, 62.0])
+    assert not R.wide_range([86.9, 91.6, 90.2])
+    assert not R.wide_range([0.0, 5.0, 500.0]) and not R.wide_range([])

@@ -83,10 +83,17 @@ def test_student_defaults_to_its_distilled_steps(tiny_models):
     cfg = S.SweepStage(models={"s": str(tiny_models / "student")}, samplers=["unipc"], steps=[8, 16])
     info = {"method": "progressive", "recommended": {"num_inference_steps": 4, "guidance_scale": 1.0}}
     assert S.model_cells(cfg, cfg.models[0], info, guidance_conditioned=False) == [("ddim", 4, 1.0)]
-    teacher = {"method": "teacher", "recommended": {"num_inference_steps": 50}}
+    teacher = {"method": "teacher", "recommended": {"num_inference_steps": 50, "guidance_scale": 2.0}}
     assert S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False) == [
-        ("unipc", 8, 4.0), ("unipc", 16, 4.0)
+        ("unipc", 8, 2.0), ("unipc", 16, 2.0)
+    ]  # fmt: skip  (a teacher at its recommended scale unless the sweep names scales)
+    cfg.guidance_scales = [1.0, 3.0]
+    assert S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False) == [
+        ("unipc", 8, 1.0), ("unipc", 8, 3.0), ("unipc", 16, 1.0), ("unipc", 16, 3.0)
     ]  # fmt: skip
+    assert S.model_cells(cfg, cfg.models[0], {"method": "teacher"}, guidance_conditioned=False)[0][2] == 1.0
+    cfg.guidance_scales = None
+    assert S.model_cells(cfg, cfg.models[0], {"method": "teacher"}, guidance_conditioned=False)[0][2] == 7.5
 
 
 def test_sweep_config_errors_name_the_key():

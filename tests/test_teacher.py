@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from baselines.teacher import measure_scaling_factor
@@ -131,29 +132,38 @@ def test_train_vae_with_init_continues_from_that_vae(tmp_path):
 
 def test_ship_writes_fp16_models_and_the_chosen_recommended_guidance(tiny_pipe, tmp_path):
     """``ship`` records the stages' hashes and, when ``recommended_guidance_scale`` is set, writes it into the
-    shipped teacher's fewstep.json and the manifest; the other recommended settings stay the teacher's."""
+    shipped teacher's fewstep.json and the manifest (so the shipped models' identity changes with it); the
+    other recommended settings stay the teacher's, and unset, the teacher's own scale is shipped."""
     import json
 
+    from safetensors import safe_open
+
     from baselines import models
+    from baselines.errors import ConfigError
     from eval.checks import ShipStage, run_ship
 
-    models.save_pipeline(tiny_pipe, tmp_path / "teacher", {"method": "teacher",
-                                                           "recommended": {"guidance_scale": 4.0, "num_inference_steps": 50}})
+    teacher_rec = {"guidance_scale": 4.0, "num_inference_steps": 50}
+    models.save_pipeline(tiny_pipe, tmp_path / "teacher", {"method": "teacher", "recommended": teacher_rec})
     tokenizer = models.build_tokenizer()
     models.save_clip(models.build_clip(models.get_preset("tiny"), tokenizer), tokenizer, tmp_path / "clip")
     (tmp_path / "stage").mkdir()
     (tmp_path / "stage" / "stage.json").write_text(json.dumps({"status": "done", "name": "teacher", "hash": "abc"}))
-    cfg = ShipStage(teacher=str(tmp_path / "teacher"), clip=str(tmp_path / "clip"), from_stages=[str(tmp_path / "stage")],
-                    target=str(tmp_path / "pretrained"), recommended_guidance_scale=2.0)
+    target = tmp_path / "pretrained"
+    cfg = ShipStage(
+        teacher=str(tmp_path / "teacher"), clip=str(tmp_path / "clip"), from_stages=[str(tmp_path / "stage")],
+        target=str(target), recommended_guidance_scale=2.0,
+    )
     manifest = run_ship(cfg, tmp_path / "out")
-    info = models.read_info(tmp_path / "pretrained" / "shapes")
+    info = models.read_info(target / "shapes")
     assert info["recommended"] == {"guidance_scale": 2.0, "num_inference_steps": 50}
     assert manifest["recommended"] == info["recommended"] and manifest["stage_hashes"] == {"teacher": "abc"}
-    weights = next((tmp_path / "pretrained" / "shapes" / "unet").glob("*.safetensors"))
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as f:
-        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys() if f.get_tensor(k).is_floating_point())
+    with safe_open(str(next((target / "shapes" / "unet").glob("*.safetensors"))), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.float16}
+    chosen_manifest = (target / "MANIFEST.json").read_text()
     cfg.recommended_guidance_scale = None
     run_ship(cfg, tmp_path / "out")
-    assert models.read_info(tmp_path / "pretrained" / "shapes")["recommended"]["guidance_scale"] == 4.0
+    assert models.read_info(target / "shapes")["recommended"] == teacher_rec
+    assert (target / "MANIFEST.json").read_text() != chosen_manifest
+    with pytest.raises(ConfigError, match="recommended_guidance_scale"):
+        ShipStage(recommended_guidance_scale=0.5)
