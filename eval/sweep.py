@@ -279,6 +279,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
     rank, world = process_group()
     results = Path(out) / "results.jsonl"
     done = {r.get("config_hash") for r in read_rows(results)}
+    current: set[str] = set()  # this config's cells: rows of others (a config changed in place) are set aside
     tools: dict = {}
     refs_by_res: dict = {}
     for entry in cfg.models:
@@ -286,9 +287,9 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         model_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16] if info else ""
         pipe = models.load_pipeline(entry["path"], device=stage_device(accelerator))
         conditioned = is_guidance_conditioned(pipe.unet)
-        cells = [
-            c for c in model_cells(cfg, entry, info, conditioned) if cell_hash(cfg, entry, *c, model_id) not in done
-        ]
+        hashes = {c: cell_hash(cfg, entry, *c, model_id) for c in model_cells(cfg, entry, info, conditioned)}
+        current.update(hashes.values())
+        cells = [c for c, h in hashes.items() if h not in done]
         if not cells:
             continue
         res = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -349,4 +350,20 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
             append_row(results, row)
             done.add(row["config_hash"])
             print(json.dumps({k: row[k] for k in ("label", "steps", "guidance_scale", "nfe")}), flush=True)
+    if rank == 0:
+        set_aside_other_cells(results, current)
     return read_rows(results)
+
+
+def set_aside_other_cells(results: Path, current: set[str]) -> None:
+    """Keep in ``results.jsonl`` only the rows of ``current`` cells; rows of cells the config no longer has
+    (after it changed in place) move to ``results.dropped.jsonl``, so no finished work is lost."""
+    rows = read_rows(results)
+    dropped = [r for r in rows if r.get("config_hash") not in current]
+    if not dropped:
+        return
+    for row in dropped:
+        append_row(results.with_name("results.dropped.jsonl"), row)
+    tmp = results.with_name(".results.jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("config_hash") in current))
+    tmp.replace(results)

@@ -29,11 +29,14 @@ from baselines.errors import ConfigError, FewstepError
 class StageKind:
     """A registered stage: its config dataclass, its function and whether all processes run it. A function
     with an ``accelerator`` parameter gets the run's accelerator (its device is where the stage loads its
-    models), also when only the main process runs it."""
+    models), also when only the main process runs it. An ``incremental`` stage keys its finished work by
+    content (a sweep's cells), so a change of its own config updates its output in place: no conflict, nothing
+    finished is redone."""
 
     config: type
     run: Callable
     distributed: bool = False
+    incremental: bool = False
 
     def __call__(self, config, out: Path, accelerator) -> None:
         if "accelerator" in inspect.signature(self.run).parameters:
@@ -71,7 +74,7 @@ def _registry() -> dict[str, StageKind]:
         ),
         "dreambooth": StageKind(dreambooth.DreamBoothStage, dreambooth.run_dreambooth, distributed=True),
         # eval/ (sweep, edit_eval, report)
-        "sweep": StageKind(sweep.SweepStage, sweep.run_sweep, distributed=True),
+        "sweep": StageKind(sweep.SweepStage, sweep.run_sweep, distributed=True, incremental=True),
         "edit_eval": StageKind(edits.EditEvalStage, edits.run_edit_eval),
         "attribute_eval": StageKind(attributes.AttributeEvalStage, attributes.run_attribute_eval),
         "report": StageKind(report.ReportStage, report.run_report),
@@ -263,11 +266,14 @@ def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> Non
     tmp.replace(output / "stage.json")
 
 
-def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, rerun: Sequence[str] = ()) -> str:
+def stage_status(
+    stage: PlannedStage, state: dict, *, forced: bool = False, rerun: Sequence[str] = (), incremental: bool = False
+) -> str:
     """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
     this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads or a file it names has
-    changed since, or a stage it reads runs again in this invocation (``rerun``): rerun) or ``conflict`` (made
-    with another config of its own: replace only with ``--force``)."""
+    changed since, or a stage it reads runs again in this invocation (``rerun``): rerun), ``conflict`` (made
+    with another config of its own: replace only with ``--force``) or, for an ``incremental`` stage kind,
+    ``update`` instead of a conflict (run again in place, keeping what is finished)."""
     if forced:
         return "force"
     if not state:
@@ -276,7 +282,14 @@ def stage_status(stage: PlannedStage, state: dict, *, forced: bool = False, reru
         if set(stage.reads) & set(rerun):
             return "stale"
         return "done" if state.get("status") == "done" else "resume"
-    return "stale" if state.get("config_hash") == stage.own_hash else "conflict"
+    if state.get("config_hash") == stage.own_hash:
+        return "stale"
+    return "update" if incremental else "conflict"
+
+
+def _incremental(kind: str) -> bool:
+    entry = _registry().get(kind)
+    return bool(entry and entry.incremental)
 
 
 def _statuses(stages: list[PlannedStage], states: dict[str, dict], force: Sequence[str]) -> dict[str, str]:
@@ -284,7 +297,9 @@ def _statuses(stages: list[PlannedStage], states: dict[str, dict], force: Sequen
     statuses: dict[str, str] = {}
     will_run: set[str] = set()
     for s in stages:
-        statuses[s.name] = stage_status(s, states[s.name], forced=s.name in force, rerun=will_run)
+        statuses[s.name] = stage_status(
+            s, states[s.name], forced=s.name in force, rerun=will_run, incremental=_incremental(s.kind)
+        )
         if statuses[s.name] != "done":
             will_run.add(s.name)
     return statuses
@@ -318,7 +333,12 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     if dry_run:
         for s in stages:
             status = statuses[s.name]
-            label = {"new": "to run", "resume": "to resume", "stale": "to rerun: an input changed"}.get(status, status)
+            label = {
+                "new": "to run",
+                "resume": "to resume",
+                "stale": "to rerun: an input changed",
+                "update": "to update: its config changed; finished work is kept",
+            }.get(status, status)
             log(f"[{label}] {s.name} ({s.kind}) -> {s.output}  hash={s.hash}")
             log(OmegaConf.to_yaml(OmegaConf.structured(s.config)).rstrip())
         return stages
@@ -340,7 +360,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     ran: set[str] = set()  # stages run in this invocation: the stages reading them run again too
     for s in stages:
         state = _read_state(s.output)
-        status = stage_status(s, state, forced=s.name in force, rerun=ran)
+        status = stage_status(s, state, forced=s.name in force, rerun=ran, incremental=registry[s.kind].incremental)
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
@@ -351,6 +371,8 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             if status == "stale":
                 log(f"[rerun] {s.name}: an input changed (a stage it reads, a file it names or the shipped models)")
             shutil.rmtree(s.output)
+        if status == "update":
+            log(f"[update] {s.name}: its config changed; finished work is kept, the rest runs")
         barrier()
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")
         start = time.time()

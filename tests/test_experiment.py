@@ -278,3 +278,52 @@ def test_a_forced_stage_reruns_its_readers_and_a_changed_config_stops_before_any
     lines = run("stages.a.value=1", force=["a"])  # the same config forced (after a code change): b reruns too
     assert ran.read_text().split() == ["a", "b", "c", "a", "b", "a", "b"]
     assert any(line.startswith("[rerun] b") for line in lines) and any(line.startswith("[skip] c") for line in lines)
+
+
+def _run_counted_keeping(cfg: _Counted, out: Path) -> None:
+    """An incremental fake: records how many files it found already in its output (work kept from before)."""
+    kept = len(list(out.glob("work-*")))
+    (out / f"work-{cfg.value}").write_text("")
+    with (out.parent / "ran.txt").open("a") as f:
+        f.write(f"{out.name}:{kept}\n")
+
+
+def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path, monkeypatch):
+    """A sweep-like (incremental) stage whose own config changed is not a conflict: it runs again in its
+    output folder, finding its finished work there, and the stages reading it rerun; ``--force`` still
+    starts it afresh. A plain stage with a changed config is still a conflict."""
+    monkeypatch.setattr(
+        experiment,
+        "_registry",
+        lambda: {
+            "counted": experiment.StageKind(_Counted, _run_counted),
+            "keeping": experiment.StageKind(_Counted, _run_counted_keeping, incremental=True),
+        },
+    )
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "experiment: t\nstages:\n"
+        "  s: {kind: keeping}\n"
+        "  r: {kind: counted, reads: '${stages.s.output}'}\n"
+    )
+    ran = tmp_path / "runs" / "ran.txt"
+
+    def run(*overrides, force=(), dry_run=False):
+        cfg = experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}", *overrides])
+        lines = []
+        experiment.run(cfg, force=list(force), dry_run=dry_run, log=lines.append)
+        return lines
+
+    run()
+    dry = run("stages.s.value=1", dry_run=True)
+    assert [line.split("]")[0] for line in dry if line.startswith("[")] == [
+        "[to update: its config changed; finished work is kept",
+        "[to rerun: an input changed",
+    ]
+    lines = run("stages.s.value=1")
+    assert any(line.startswith("[update] s") for line in lines)
+    assert ran.read_text().split() == ["s:0", "r", "s:1", "r"]  # s found its first run's work
+    run("stages.s.value=2", force=["s"])
+    assert ran.read_text().split()[-2:] == ["s:0", "r"]  # forced: a fresh folder
+    with pytest.raises(ConfigError, match="--force r"):
+        run("stages.s.value=2", "stages.r.value=1")

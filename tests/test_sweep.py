@@ -201,3 +201,28 @@ def test_check_teacher_counts_unet_evaluations_and_reads_attributes(tiny_models,
     assert [metrics["fd"][str(n)]["unet_evaluations"] for n in (2, 4)] == nfe
     assert set(metrics["accuracy"]) == {"1.0", "3.0"} and set(metrics["accuracy"]["3.0"]) >= {"shape", "colour"}
     assert (tmp_path / "grid_guidance3.png").is_file()
+
+
+def test_a_changed_sweep_keeps_its_finished_cells_and_sets_aside_the_removed_ones(tiny_models, tmp_path, monkeypatch):
+    """Updated in place (the runner's ``update``), a sweep generates only its new cells; rows of cells the
+    config no longer has leave results.jsonl (so the report shows this config) for results.dropped.jsonl."""
+    one = [{"name": "student", "path": str(tiny_models / "student"), "steps": [1]}]
+    out = tmp_path / "sweep"
+    first = S.run_sweep(sweep_config(tiny_models, tmp_path, models=one, metrics=["clip_score"]), out)
+    assert [(r["steps"], r["guidance_scale"]) for r in first] == [(1, 2.0)]
+    calls = []
+    real_generate = S.generate
+
+    def spy(pipe, prompts, *, seeds, **kw):
+        calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
+        return real_generate(pipe, prompts, seeds=seeds, **kw)
+
+    monkeypatch.setattr(S, "generate", spy)
+    changed = [{**one[0], "steps": [1, 2]}]
+    rows = S.run_sweep(sweep_config(tiny_models, tmp_path, models=changed, metrics=["clip_score"]), out)
+    assert calls == [(2, 2.0)] and [r["steps"] for r in rows] == [1, 2]
+    assert rows[0] == first[0]  # the finished cell's row, as it was
+    fewer = [{**one[0], "steps": [2]}]
+    rows = S.run_sweep(sweep_config(tiny_models, tmp_path, models=fewer, metrics=["clip_score"]), out)
+    assert calls == [(2, 2.0)] and [r["steps"] for r in rows] == [2]
+    assert [r["steps"] for r in S.read_rows(out / "results.dropped.jsonl")] == [1]
