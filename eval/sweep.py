@@ -357,13 +357,16 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
 
 def set_aside_other_cells(results: Path, current: set[str]) -> None:
     """Keep in ``results.jsonl`` only the rows of ``current`` cells; rows of cells the config no longer has
-    (after it changed in place) move to ``results.dropped.jsonl``, so no finished work is lost."""
+    (after it changed in place) move to ``results.dropped.jsonl`` (kept for reading, not reused)."""
     rows = read_rows(results)
     dropped = [r for r in rows if r.get("config_hash") not in current]
     if not dropped:
         return
+    aside = results.with_name("results.dropped.jsonl")
+    already = {r.get("config_hash") for r in read_rows(aside)}  # set aside before a crash in the middle
     for row in dropped:
-        append_row(results.with_name("results.dropped.jsonl"), row)
+        if row.get("config_hash") not in already:
+            append_row(aside, row)
     tmp = results.with_name(".results.jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("config_hash") in current))
     tmp.replace(results)

@@ -97,6 +97,7 @@ class PlannedStage:
     own_hash: str = ""  # config + preset sizes only: equal to the stored one when only an input changed
     reads: tuple[str, ...] = ()  # names of the earlier stages whose output it reads
     missing: tuple[str, ...] = ()  # user files it names that do not exist (an error before it would run)
+    inputs_hash: str = ""  # the stages it reads, the files it names, the shipped models: only its inputs
 
 
 def config_hash(config: object, inputs: Sequence[str] = ()) -> str:
@@ -248,7 +249,10 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         except FewstepError as e:
             raise ConfigError(f"stages.{name}.preset: {e}") from None
         reads_names = tuple(p.name for p in reads)
-        planned.append(PlannedStage(name, kind, config, output, digest, own, reads_names, tuple(missing)))
+        inputs_digest = hashlib.sha256(json.dumps(sorted(inputs)).encode()).hexdigest()[:16]
+        planned.append(
+            PlannedStage(name, kind, config, output, digest, own, reads_names, tuple(missing), inputs_digest)
+        )
     return planned
 
 
@@ -259,7 +263,8 @@ def _read_state(output: Path) -> dict:
 
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash}
+    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash,
+             "inputs_hash": stage.inputs_hash}
     state.update(status=status, **extra)
     tmp = output / ".stage.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
@@ -272,8 +277,9 @@ def stage_status(
     """``force`` (named by ``--force``), ``done`` (finished with this hash), ``resume`` (started with
     this hash), ``new`` (no output), ``stale`` (same config, but a stage it reads or a file it names has
     changed since, or a stage it reads runs again in this invocation (``rerun``): rerun), ``conflict`` (made
-    with another config of its own: replace only with ``--force``) or, for an ``incremental`` stage kind,
-    ``update`` instead of a conflict (run again in place, keeping what is finished)."""
+    with another config of its own: replace only with ``--force``) or, for an ``incremental`` stage kind
+    whose inputs are as they were, ``update`` instead of a conflict (run again in place, keeping what is
+    finished: only its own config changed, so its finished work stays valid)."""
     if forced:
         return "force"
     if not state:
@@ -284,7 +290,8 @@ def stage_status(
         return "done" if state.get("status") == "done" else "resume"
     if state.get("config_hash") == stage.own_hash:
         return "stale"
-    return "update" if incremental else "conflict"
+    same_inputs = state.get("inputs_hash") == stage.inputs_hash and not set(stage.reads) & set(rerun)
+    return "update" if incremental and same_inputs else "conflict"
 
 
 def _incremental(kind: str) -> bool:

@@ -291,7 +291,8 @@ def _run_counted_keeping(cfg: _Counted, out: Path) -> None:
 def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path, monkeypatch):
     """A sweep-like (incremental) stage whose own config changed is not a conflict: it runs again in its
     output folder, finding its finished work there, and the stages reading it rerun; ``--force`` still
-    starts it afresh. A plain stage with a changed config is still a conflict."""
+    starts it afresh. When an input changed too (a stage it reads reruns), its finished work may be wrong: a
+    conflict again, raised before anything runs. A plain stage with a changed config is still a conflict."""
     monkeypatch.setattr(
         experiment,
         "_registry",
@@ -303,7 +304,8 @@ def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path,
     path = tmp_path / "exp.yaml"
     path.write_text(
         "experiment: t\nstages:\n"
-        "  s: {kind: keeping}\n"
+        "  a: {kind: counted}\n"
+        "  s: {kind: keeping, reads: '${stages.a.output}'}\n"
         "  r: {kind: counted, reads: '${stages.s.output}'}\n"
     )
     ran = tmp_path / "runs" / "ran.txt"
@@ -317,12 +319,16 @@ def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path,
     run()
     dry = run("stages.s.value=1", dry_run=True)
     assert [line.split("]")[0] for line in dry if line.startswith("[")] == [
+        "[done",
         "[to update: its config changed; finished work is kept",
         "[to rerun: an input changed",
     ]
     lines = run("stages.s.value=1")
     assert any(line.startswith("[update] s") for line in lines)
-    assert ran.read_text().split() == ["s:0", "r", "s:1", "r"]  # s found its first run's work
+    assert ran.read_text().split() == ["a", "s:0", "r", "s:1", "r"]  # s found its first run's work
+    with pytest.raises(ConfigError, match="--force s"):
+        run("stages.a.value=1", "stages.s.value=2", force=["a"])  # s's input changes too
+    assert ran.read_text().split()[-1] == "r"  # nothing ran
     run("stages.s.value=2", force=["s"])
     assert ran.read_text().split()[-2:] == ["s:0", "r"]  # forced: a fresh folder
     with pytest.raises(ConfigError, match="--force r"):
