@@ -91,14 +91,17 @@ def unet_evaluations(*, sampler: str, steps: int, guidance_scale: float, guidanc
     return per_step * (2 if cfg else 1)
 
 
-DEFAULT_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default: for a folder whose fewstep.json recommends none
+def recommended_guidance_scale(info: dict) -> float:
+    """The guidance scale a model's ``fewstep.json`` recommends; StableDiffusionPipeline's default (7.5) when it
+    recommends none."""
+    return info.get("recommended", {}).get("guidance_scale", 7.5)
 
 
 def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: float | None, sampler: str | None):
     """Fill unset steps / guidance / sampler from the model's ``fewstep.json`` recommendations."""
     rec = info.get("recommended", {})
     steps = steps or rec.get("num_inference_steps", 50)
-    guidance_scale = guidance_scale if guidance_scale is not None else rec.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    guidance_scale = guidance_scale if guidance_scale is not None else recommended_guidance_scale(info)
     sampler = sampler or rec.get("sampler", "ddim")
     if steps < 1:
         raise FewstepError(f"steps must be >= 1, got {steps}")

@@ -20,7 +20,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss, draw_timesteps
-from baselines.samplers import DEFAULT_GUIDANCE_SCALE
+from baselines.samplers import recommended_guidance_scale
 from baselines.train import TrainConfig, is_main_process, stage_device, train
 from distill import student as students
 from distill.data import PoolConfig, pool_batches, teacher_pool
@@ -98,7 +98,7 @@ def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     if is_main_process():
         rec = info.get("recommended", {})
         # the teacher's scale (Stable Diffusion's 7.5 when it records none), clamped to the trained range
-        scale = cfg.recommended_guidance_scale or min(max(rec.get("guidance_scale", DEFAULT_GUIDANCE_SCALE), lo), hi)
+        scale = cfg.recommended_guidance_scale or min(max(recommended_guidance_scale(info), lo), hi)
         students.save_student(
             teacher_pipe,
             student.unet,

@@ -23,7 +23,7 @@ from baselines import diffusion, models
 from baselines.errors import ConfigError
 from baselines.guidance import encode_text, is_guidance_conditioned
 from baselines.losses import distillation_loss
-from baselines.samplers import DEFAULT_GUIDANCE_SCALE, ddim_step_with
+from baselines.samplers import ddim_step_with, recommended_guidance_scale
 from baselines.train import TrainConfig, barrier, is_main_process, stage_device, train
 from distill import student as students
 from distill.data import PoolConfig, pool_batches, teacher_pool
@@ -94,9 +94,7 @@ def _guidance_setup(cfg: ProgressiveStage, teacher_unet, info: dict) -> tuple[tu
         lo, hi = known
         rec = info.get("recommended", {}).get("guidance_scale", (lo + hi) / 2)
         return (float(lo), float(hi)), {"conditioned": True, "range": [lo, hi], "recommended": rec}
-    s = cfg.guidance_scale
-    if s is None:
-        s = info.get("recommended", {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    s = cfg.guidance_scale if cfg.guidance_scale is not None else recommended_guidance_scale(info)
     return (float(s), float(s)), {"conditioned": False, "distilled_scale": float(s), "recommended": 1.0}
 
 

@@ -15,7 +15,7 @@ import torch
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import DEFAULT_GUIDANCE_SCALE, generate, unet_evaluations
+from baselines.samplers import generate, recommended_guidance_scale, unet_evaluations
 from baselines.train import stage_device
 from eval.grids import save_grid
 from eval.metrics import (
@@ -155,7 +155,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> di
     scale = (
         cfg.fd_guidance_scale
         if cfg.fd_guidance_scale is not None
-        else info.get("recommended", {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        else recommended_guidance_scale(info)
     )
     extract = get_extractor(cfg.extractor)
     real = ds.batch(range(cfg.fd_images, 2 * cfg.fd_images))

@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import DEFAULT_GUIDANCE_SCALE, SAMPLERS, generate, unet_evaluations
+from baselines.samplers import SAMPLERS, generate, recommended_guidance_scale, unet_evaluations
 from baselines.train import process_group, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
@@ -178,7 +178,7 @@ def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: 
     elif cfg.guidance_scales:
         scales = cfg.guidance_scales
     else:
-        scales = [rec.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)]
+        scales = [recommended_guidance_scale(info)]
     if None in steps:
         raise FewstepError(f"model {entry['name']!r}: fewstep.json has no recommended steps; give 'steps'")
     return [(s, int(n), float(w)) for s in samplers for n in steps for w in scales]

@@ -294,18 +294,15 @@ def stage_status(
     return "update" if incremental and same_inputs else "conflict"
 
 
-def _incremental(kind: str) -> bool:
-    entry = _registry().get(kind)
-    return bool(entry and entry.incremental)
-
-
-def _statuses(stages: list[PlannedStage], states: dict[str, dict], force: Sequence[str]) -> dict[str, str]:
+def _statuses(
+    stages: list[PlannedStage], states: dict[str, dict], force: Sequence[str], registry: dict[str, StageKind]
+) -> dict[str, str]:
     """Each stage's status before anything runs, a stage reading one that will run counted stale."""
     statuses: dict[str, str] = {}
     will_run: set[str] = set()
     for s in stages:
         statuses[s.name] = stage_status(
-            s, states[s.name], forced=s.name in force, rerun=will_run, incremental=_incremental(s.kind)
+            s, states[s.name], forced=s.name in force, rerun=will_run, incremental=registry[s.kind].incremental
         )
         if statuses[s.name] != "done":
             will_run.add(s.name)
@@ -335,8 +332,9 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     unknown = set(force) - {s.name for s in stages}
     if unknown:
         raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
+    registry = _registry()
     states = {s.name: _read_state(s.output) for s in stages}
-    statuses = _statuses(stages, states, force)
+    statuses = _statuses(stages, states, force, registry)
     if dry_run:
         for s in stages:
             status = statuses[s.name]
@@ -363,7 +361,6 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     rank, _ = process_group()
     main = rank == 0
     accelerator = Accelerator()
-    registry = _registry()
     ran: set[str] = set()  # stages run in this invocation: the stages reading them run again too
     for s in stages:
         state = _read_state(s.output)
