@@ -348,8 +348,8 @@ def stage_times_section(run_dir: Path) -> list[str]:
     lines += [
         f"| **total** | | **{total:.0f}** ({total / 60:.1f} min) |",
         "",
-        "Seconds of each finished stage's last (or last resumed) run, from its stage.json; the whole command also"
-        " spends a few seconds importing and planning.",
+        "Seconds each finished stage ran, from its stage.json: a stage resumed or updated in place adds its runs'"
+        " seconds (a killed run's own are lost); the whole command also spends a few seconds importing and planning.",
         "",
     ]
     return lines

@@ -380,8 +380,10 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         barrier()
         log(f"[run] {s.name} ({s.kind}) -> {s.output}")
         start = time.time()
+        # an update or a resume continues the work in place: its seconds add to those recorded before
+        before = float(state.get("seconds", 0.0)) if status in ("update", "resume") else 0.0
         if main:
-            _write_state(s.output, s, "running")
+            _write_state(s.output, s, "running", seconds=before)
             (s.output / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(s.config)))
         barrier()
         kind = registry[s.kind]
@@ -389,6 +391,6 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             kind(s.config, s.output, accelerator)
         barrier()
         if main:
-            _write_state(s.output, s, "done", seconds=round(time.time() - start, 1))
+            _write_state(s.output, s, "done", seconds=round(before + time.time() - start, 1))
         log(f"[done] {s.name} in {time.time() - start:.0f} s")
     return stages

@@ -323,9 +323,12 @@ def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path,
         "[to update: its config changed; finished work is kept",
         "[to rerun: an input changed",
     ]
+    state_file = tmp_path / "runs" / "s" / "stage.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "seconds": 100.0}))  # the first run's
     lines = run("stages.s.value=1")
     assert any(line.startswith("[update] s") for line in lines)
     assert ran.read_text().split() == ["a", "s:0", "r", "s:1", "r"]  # s found its first run's work
+    assert 100.0 <= json.loads(state_file.read_text())["seconds"] < 110  # the update's seconds add to the first's
     with pytest.raises(ConfigError, match="--force s"):
         run("stages.a.value=1", "stages.s.value=2", force=["a"])  # s's input changes too
     assert ran.read_text().split()[-1] == "r"  # nothing ran
