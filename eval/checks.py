@@ -152,11 +152,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> di
         )
         save_grid(grid, out / f"grid_guidance{s:g}.png", rows=k, row_labels=acc_batch["captions"][:k])
 
-    scale = (
-        cfg.fd_guidance_scale
-        if cfg.fd_guidance_scale is not None
-        else recommended_guidance_scale(info)
-    )
+    scale = cfg.fd_guidance_scale if cfg.fd_guidance_scale is not None else recommended_guidance_scale(info)
     extract = get_extractor(cfg.extractor)
     real = ds.batch(range(cfg.fd_images, 2 * cfg.fd_images))
     ref = FeatureStats.of(extract(real["pixel_values"]))
@@ -229,8 +225,12 @@ def run_ship(cfg: ShipStage, out: Path) -> dict:
         raise FewstepError(f"shipped models take {size:.1f} MiB > {cfg.max_mib} MiB; shrink the preset")
     # the recommended settings change what every stage naming `shapes` does by default, so they are part of
     # the manifest (whose digest is the shipped models' identity, models.shipped_identity)
-    manifest = {"config": cfg.config, "stage_hashes": hashes, "recommended": info.get("recommended", {}),
-                "size_mib": round(size, 2)}
+    manifest = {
+        "config": cfg.config,
+        "stage_hashes": hashes,
+        "recommended": info.get("recommended", {}),
+        "size_mib": round(size, 2),
+    }
     (target / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     (out / "model").mkdir(parents=True, exist_ok=True)
     shutil.copy(target / "MANIFEST.json", out / "MANIFEST.json")

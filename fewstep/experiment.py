@@ -263,8 +263,13 @@ def _read_state(output: Path) -> dict:
 
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    state = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "config_hash": stage.own_hash,
-             "inputs_hash": stage.inputs_hash}
+    state = {
+        "name": stage.name,
+        "kind": stage.kind,
+        "hash": stage.hash,
+        "config_hash": stage.own_hash,
+        "inputs_hash": stage.inputs_hash,
+    }
     state.update(status=status, **extra)
     tmp = output / ".stage.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))

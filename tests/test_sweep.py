@@ -84,9 +84,8 @@ def test_student_defaults_to_its_distilled_steps(tiny_models):
     info = {"method": "progressive", "recommended": {"num_inference_steps": 4, "guidance_scale": 1.0}}
     assert S.model_cells(cfg, cfg.models[0], info, guidance_conditioned=False) == [("ddim", 4, 1.0)]
     teacher = {"method": "teacher", "recommended": {"num_inference_steps": 50, "guidance_scale": 2.0}}
-    assert S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False) == [
-        ("unipc", 8, 2.0), ("unipc", 16, 2.0)
-    ]  # fmt: skip  (a teacher at its recommended scale unless the sweep names scales)
+    cells = S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False)
+    assert cells == [("unipc", 8, 2.0), ("unipc", 16, 2.0)]  # a teacher at its recommended scale unless named
     cfg.guidance_scales = [1.0, 3.0]
     assert S.model_cells(cfg, cfg.models[0], teacher, guidance_conditioned=False) == [
         ("unipc", 8, 1.0), ("unipc", 8, 3.0), ("unipc", 16, 1.0), ("unipc", 16, 3.0)

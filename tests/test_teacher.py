@@ -150,8 +150,11 @@ def test_ship_writes_fp16_models_and_the_chosen_recommended_guidance(tiny_pipe, 
     (tmp_path / "stage" / "stage.json").write_text(json.dumps({"status": "done", "name": "teacher", "hash": "abc"}))
     target = tmp_path / "pretrained"
     cfg = ShipStage(
-        teacher=str(tmp_path / "teacher"), clip=str(tmp_path / "clip"), from_stages=[str(tmp_path / "stage")],
-        target=str(target), recommended_guidance_scale=2.0,
+        teacher=str(tmp_path / "teacher"),
+        clip=str(tmp_path / "clip"),
+        from_stages=[str(tmp_path / "stage")],
+        target=str(target),
+        recommended_guidance_scale=2.0,
     )
     manifest = run_ship(cfg, tmp_path / "out")
     info = models.read_info(target / "shapes")
