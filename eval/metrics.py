@@ -315,7 +315,8 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_score(clip: LoadedCLIP, images: Tensor, prompts: list[str], batch_size: int = 256) -> Tensor:
-    """Per-image CLIP score 100 * max(cos(image, text), 0) (Hessel et al. 2021; the torchmetrics definition)."""
+    """Per-image CLIP score 100 * max(cos(image, text), 0) (Hessel et al. 2021's clamp per
+    image; torchmetrics clamps the batch mean instead, the same whenever every cosine is positive)."""
     scores = []
     for i in range(0, len(images), batch_size):
         img = clip.image_embeds(images[i : i + batch_size])

@@ -71,18 +71,26 @@ def test_stage_writes_one_row_per_entry_loads_tokens_and_resumes(tiny, tmp_path,
     real = A.generate
 
     def spy(pipe, prompts, **kw):
-        seen.append((list(prompts), pipe.tokenizer.convert_tokens_to_ids("<tok>") != pipe.tokenizer.unk_token_id))
-        return real(pipe, prompts, **kw)
+        images = real(pipe, prompts, **kw)
+        tok_loaded = pipe.tokenizer.convert_tokens_to_ids("<tok>") != pipe.tokenizer.unk_token_id
+        seen.append((list(prompts), tok_loaded, images))
+        return images
 
     monkeypatch.setattr(A, "generate", spy)
     rows = A.run_attribute_eval(cfg, tmp_path)
     assert [r["name"] for r in rows] == ["teacher", "token"]
     assert seen[1][1] and all("<tok>" in p for p in seen[1][0])  # the token was loaded and used
-    for row in rows:
+    from eval.metrics import load_clip_model, zero_shot_correct
+
+    clip = load_clip_model(str(tiny / "clip"))
+    for row, entry, (_, _, images) in zip(rows, entries, seen):
         assert row["n_images"] == 6 and row["steps"] == 2 and row["nfe"] == 4
-        for key in data.ATTRIBUTES:
-            acc, (lo, hi) = row["accuracy"][key], row["interval"][key]
-            assert lo <= acc <= hi and round(acc * 6) == pytest.approx(acc * 6)
+        targets = data.ShapesDataset(split="heldout").attributes_with(entry["set"], 6)
+        assert all(t["shape"] == "triangle" for t in targets)
+        correct = zero_shot_correct(clip.model, clip.tokenizer, clip.pixels(images * 2 - 1), targets)
+        for key in data.ATTRIBUTES:  # the CLIP's reading of the generated images against the set attributes
+            assert row["accuracy"][key] == pytest.approx(sum(correct[key]) / 6)
+            assert row["interval"][key] == pytest.approx(list(A.wilson_interval(sum(correct[key]), 6)))
         assert (tmp_path / row["grid"]).is_file()
     seen.clear()
     assert A.run_attribute_eval(cfg, tmp_path) == rows and seen == []  # finished entries are skipped

@@ -88,7 +88,14 @@ def test_caption_states_cached_and_per_batch_agree():
     encoder = text_encoder_from_clip(clip).eval()
     captions = data.ShapesDataset(split="heldout").batch(range(5))["captions"] * 2
     idx = torch.tensor([7, 0, 3, 3])
-    expected = encode_text(tok, encoder, [captions[j] for j in idx.tolist()])
-    cached, per_batch = caption_states(tok, encoder, captions), caption_states(tok, encoder, captions, max_bytes=0)
+    expected = torch.cat([encode_text(tok, encoder, [captions[j]]) for j in idx.tolist()])  # one at a time
+    rows = []  # the batch sizes the encoder sees
+    encoder.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))  # called with the ids
+    cached = caption_states(tok, encoder, captions)
+    assert rows == [5]  # the 5 distinct captions, encoded once up front
     torch.testing.assert_close(cached(idx), expected, rtol=0, atol=1e-5)
+    assert rows == [5]  # looked up, not encoded
+    per_batch = caption_states(tok, encoder, captions, max_bytes=0)
+    assert rows == [5]  # over the budget: nothing encoded up front
     torch.testing.assert_close(per_batch(idx), expected, rtol=0, atol=1e-5)
+    assert rows == [5, 4]  # the batch's 4 rows, when drawn

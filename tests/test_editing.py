@@ -474,6 +474,7 @@ def test_dreambooth_class_prompts_never_ask_for_a_shape_the_colour_of_its_backgr
     prompts = dreambooth.class_prompts(cfg, 200)
     colour = CONCEPT["colour"]
     assert len(prompts) == 200 and all(f"{colour} on a {colour} background" not in p for p in prompts)
+    assert all(p.startswith((f"a small {colour} on a ", f"a large {colour} on a ")) for p in prompts)
 
 
 # ----------------------------------------------------------------------------- CLI

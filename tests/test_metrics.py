@@ -168,9 +168,26 @@ def test_clip_score_is_100_times_the_clamped_cosine(tiny_clip):
     assert (ours >= 0).all() and ours.std() > 0
 
 
-def test_clip_image_similarity_of_an_image_with_itself_is_one(tiny_clip):
-    x = data.ShapesDataset(split="heldout", resolution=16).batch(range(3))["pixel_values"]
-    torch.testing.assert_close(clip_image_similarity(tiny_clip, x, x), torch.ones(3), rtol=0, atol=1e-5)
+def test_clip_image_similarity_is_the_cosine_of_the_projected_embeddings(tiny_clip):
+    """Against an independent cosine of the vision tower's projected pooled output, on pixels normalised by
+    hand with a folder's mean/std (an OpenAI-convention CLIP); 1 for an image with itself."""
+    shapes = data.ShapesDataset(split="heldout", resolution=16)
+    a, b = shapes.batch(range(3))["pixel_values"], shapes.batch(range(3, 6))["pixel_values"]
+    clip = LoadedCLIP(tiny_clip.model, tiny_clip.tokenizer, torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2] * 3))
+    m = clip.model
+    with torch.no_grad():
+
+        def embed(x):
+            size = m.config.vision_config.image_size
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+            pixels = ((x + 1) / 2 - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / 0.2
+            return m.visual_projection(m.vision_model(pixel_values=pixels).pooler_output)
+
+        expected = torch.nn.functional.cosine_similarity(embed(a), embed(b), dim=-1)
+    ours = clip_image_similarity(clip, a, b)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert (ours < 0.9999).all()  # different images: not the trivial 1
+    torch.testing.assert_close(clip_image_similarity(clip, a, a), torch.ones(3), rtol=0, atol=1e-5)
 
 
 def test_psnr_and_ssim_with_explicit_data_range_and_mask():

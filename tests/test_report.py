@@ -54,7 +54,25 @@ def test_edit_eval_groups_by_param_and_measures_fidelity(edit_folder, tmp_path, 
     weak, strong = rows
     assert weak["PSNR"] > strong["PSNR"] and weak["SSIM"] > strong["SSIM"]
     assert weak["PSNR unmasked"] == 100 and strong["SSIM unmasked"] > strong["SSIM"]  # untouched outside the mask
-    assert 0 <= weak["target attribute accuracy"] <= 1 and 0 <= weak["preserved attribute accuracy"] <= 1
+    # accuracies: the edited key (size) vs the four kept ones, as the CLIP reads the saved 0.3-strength outputs
+    from eval.metrics import clip_image_similarity, load_clip_model, zero_shot_correct
+
+    clip = load_clip_model(str(tiny_clip_folder))
+    lines = [json.loads(line) for line in (edit_folder / "edits.jsonl").read_text().splitlines()]
+    group = [r for r in lines if r["param"]["strength"] == 0.3]
+
+    def load(key):
+        return torch.stack([torch.from_numpy(np.array(Image.open(r[key]))).permute(2, 0, 1) / 255 for r in group])
+
+    outputs, inputs = load("output"), load("input")
+    correct = zero_shot_correct(
+        clip.model, clip.tokenizer, clip.pixels(outputs * 2 - 1), [r["target_attributes"] for r in group]
+    )
+    kept = [k for k in data.ATTRIBUTES if k != "size"]
+    assert weak["target attribute accuracy"] == pytest.approx(float(np.mean(correct["size"])))
+    assert weak["preserved attribute accuracy"] == pytest.approx(float(np.mean([correct[k] for k in kept])))
+    similarity = clip_image_similarity(clip, outputs * 2 - 1, inputs * 2 - 1).mean()
+    assert weak["CLIP image similarity"] == pytest.approx(float(similarity), abs=1e-6)
     from eval.metrics import lpips_unavailable
 
     if lpips_unavailable():  # as here (torchvision does not import): left out, with the reason noted

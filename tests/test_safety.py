@@ -1,5 +1,6 @@
 """Weights are read as safetensors; pickles only with weights_only=True; no remote code."""
 
+import ast
 import re
 
 from conftest import ROOT
@@ -18,6 +19,24 @@ def test_nothing_trusts_remote_code():
         assert "trust_remote_code" not in path.read_text(), path
 
 
-def test_pipelines_are_loaded_with_safetensors_only():
-    text = (ROOT / "baselines" / "models.py").read_text()
-    assert text.count("use_safetensors=True") >= 2
+def _from_pretrained_calls(path):
+    """(class name, use_safetensors keyword value or None, line) of every ``X.from_pretrained(...)`` in a file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+            owner = node.func.value
+            name = owner.id if isinstance(owner, ast.Name) else ast.unparse(owner)
+            flag = next((k.value for k in node.keywords if k.arg == "use_safetensors"), None)
+            yield name, getattr(flag, "value", flag), node.lineno
+
+
+def test_every_weight_loader_reads_safetensors_only():
+    """Every ``from_pretrained`` of a model or pipeline (not a tokenizer or scheduler, which hold no weights)
+    passes ``use_safetensors=True``: a folder with only a pickled ``.bin`` is an error, never unpickled."""
+    loaders = []
+    for path in SOURCES:
+        for name, flag, line in _from_pretrained_calls(path):
+            if name.endswith(("Tokenizer", "Scheduler")):
+                continue
+            loaders.append(name)
+            assert flag is True, f"{path}:{line}: {name}.from_pretrained without use_safetensors=True"
+    assert {"StableDiffusionPipeline", "AutoencoderKL", "CLIPModel", "UNet2DConditionModel"} <= set(loaders)

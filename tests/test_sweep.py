@@ -29,8 +29,11 @@ def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
     calls = []
     real_generate = S.generate
 
+    warmups = []
+
     def spy(pipe, prompts, *, seeds, **kw):
-        calls.append((list(prompts), list(seeds), kw["num_inference_steps"], kw["guidance_scale"]))
+        record = (list(prompts), list(seeds), kw["num_inference_steps"], kw["guidance_scale"])
+        (warmups if len(seeds) == 1 else calls).append(record)  # a model's untimed one-image warm-up call
         return real_generate(pipe, prompts, seeds=seeds, **kw)
 
     monkeypatch.setattr(S, "generate", spy)
@@ -57,6 +60,7 @@ def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
     assert len({r["config_hash"] for r in rows}) == 6
     # every cell: the same prompts with the same per-image seeds
     assert len(calls) == 6 and all(c[:2] == calls[0][:2] for c in calls)
+    assert [w[2] for w in warmups] == [1, 1]  # one per model, before its timed cells
     assert calls[0][1] == list(range(6))
     # different cells really produced different metrics (not one value copied)
     assert len({round(r["FD-clip"], 9) for r in rows}) > 1
@@ -213,7 +217,8 @@ def test_a_changed_sweep_keeps_its_finished_cells_and_sets_aside_the_removed_one
     real_generate = S.generate
 
     def spy(pipe, prompts, *, seeds, **kw):
-        calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
+        if len(seeds) > 1:  # not the model's one-image warm-up
+            calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
         return real_generate(pipe, prompts, seeds=seeds, **kw)
 
     monkeypatch.setattr(S, "generate", spy)

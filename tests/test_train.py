@@ -178,8 +178,14 @@ def test_the_log_of_a_resumed_run_has_one_row_per_step(tmp_path):
     """A crash at step 3 (checkpoint at 2) logs step 3 twice: ``read_log`` keeps the resumed run's row."""
     crashed = _toy()
     _fit(crashed, tmp_path, crash_at=4)
+    log = tmp_path / "log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    marked = [{**r, "loss": -1.0} if r.get("step") == 3 else r for r in rows]  # the crashed run's step-3 row
+    log.write_text("".join(json.dumps(r) + "\n" for r in marked))
     resumed = _toy()
     _fit(resumed, tmp_path)
-    raw = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    raw = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert raw.count(3) == 2  # the file keeps both
-    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    kept = read_log(tmp_path)
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6]
+    assert kept[2]["loss"] != -1.0  # the resumed run's row
