@@ -396,7 +396,9 @@ def kid(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with the polynomial kernel
-    k(a, b) = (a.b / d + coef0)^degree, averaged over random subsets; returns (mean, std over subsets)."""
+    k(a, b) = (a.b / d + coef0)^degree, averaged over random subsets; returns (mean, std over subsets). A set
+    no larger than ``subset_size`` is used whole in every subset, so the std then reflects only the other set's
+    draws: it is not a confidence interval (the sweep's bootstrap interval on FD is)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     m = min(subset_size, len(x), len(y))
     rng = np.random.default_rng(seed)
