@@ -24,7 +24,7 @@ from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import UNetDenoiser, encode_text, tokenize
 from baselines.losses import denoising_loss
-from baselines.train import TrainConfig, barrier, is_main_process, read_log, train
+from baselines.train import TrainConfig, barrier, is_main_process, read_log, stage_device, train
 
 
 @dataclass
@@ -374,9 +374,10 @@ def run_train_teacher(cfg: TrainTeacherStage, out: Path, accelerator=None) -> No
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
     preset = models.get_preset(cfg.preset)
-    vae = models.load_vae(cfg.vae).eval().requires_grad_(False)
+    device = stage_device(accelerator)  # the frozen VAE and text encoder encode the cache there (train moves the U-Net)
+    vae = models.load_vae(cfg.vae).to(device).eval().requires_grad_(False)
     clip, tokenizer = models.load_clip(cfg.clip)
-    text_encoder = models.text_encoder_from_clip(clip).eval().requires_grad_(False)
+    text_encoder = models.text_encoder_from_clip(clip).to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     unet = models.build_unet(
         preset,

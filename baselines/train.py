@@ -20,6 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -74,11 +75,17 @@ class TrainConfig:
             )
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
+
+
 def process_group() -> tuple[int, int]:
     """(rank, world size). Under torchrun, initialises the process group (gloo on CPU, nccl on
-    GPU) if nobody has: accelerate 1.15 was seen to report one process on CPU under torchrun."""
+    GPU) if nobody has: accelerate 1.15 was seen to report one process on CPU under torchrun. Its collective
+    timeout is ``PROCESS_GROUP_TIMEOUT``, not nccl's 10-minute default: some stages run on rank 0 alone (a
+    distillation pool, reference features, a download) while the other ranks wait at a barrier."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -145,7 +152,8 @@ def _load_checkpoint(ckpt: Path, params, ema, optimizer) -> int:
         if ema is not None and (ckpt / "ema.safetensors").is_file():
             for k, v in load_file(ckpt / "ema.safetensors").items():
                 ema[k].copy_(v)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    # on the CPU first: every rank would otherwise load rank 0's state onto its GPU (cuda:0) before moving it
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     return json.loads((ckpt / "state.json").read_text())["step"]
 
 

@@ -122,7 +122,7 @@ def run_progressive(cfg: ProgressiveStage, out: Path, accelerator=None) -> None:
     for n in round_steps(cfg.start_steps, cfg.end_steps):
         folder = out / f"progressive-{n}step"
         if (folder / models.INFO_FILE).is_file():  # finished round: it is the next teacher
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).to(teacher_pipe.device)
         else:
             unet = _train_round(cfg, teacher, teacher_uncond, pool, scheduler, guidance_range, n, out, accelerator)
             if is_main_process():

@@ -265,7 +265,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
                     guidance_scale=run.guidance_scale,
                     seed=cfg.seed + k,
                 )
-            save_strip(torch.cat([item.pixels[None], images]), folder / f"grid_eta{run.suffix}.png")
+            save_strip(torch.cat([item.pixels[None], images.cpu()]), folder / f"grid_eta{run.suffix}.png")
             nfe = edit_nfe(run.pipe, steps=run.steps, strength=1.0, guidance_scale=run.guidance_scale)
             for eta, image in zip(cfg.etas, images):
                 path = save_image(image, out / "edits" / f"{item.name}{run.suffix}_eta{eta:g}.png")

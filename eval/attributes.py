@@ -128,7 +128,7 @@ def run_attribute_eval(cfg: AttributeEvalStage, out: Path, accelerator=None) -> 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "attribute_results.jsonl"
     done = {r["hash"] for r in read_rows(path)}
-    clip = M.load_clip_model(cfg.clip)
+    clip = M.load_clip_model(cfg.clip, stage_device(accelerator))
     for entry in entries:
         if entry.embeddings and not Path(entry.embeddings).is_file():
             raise ConfigError(f"attribute_eval entry {entry.name!r}: embeddings file not found: {entry.embeddings}")

@@ -117,11 +117,12 @@ class CheckTeacherStage:
 
 
 def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> dict:
-    """Sample held-out captions with one seed per image (on the run's device: a GPU when there is one); measure
-    accuracy and FD (on the CPU); save grids."""
-    pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
+    """Sample held-out captions with one seed per image and measure accuracy and FD, all on the run's device (a GPU
+    when there is one); save grids."""
+    device = stage_device(accelerator)
+    pipe = models.load_pipeline(cfg.model, device=device)
     info = models.read_info(cfg.model)
-    clip = load_clip_model(cfg.clip)
+    clip = load_clip_model(cfg.clip, device)
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ds = data.ShapesDataset(split="heldout", resolution=res, seed=cfg.seed)
     metrics: dict = {"model": str(cfg.model), "sampler": cfg.sampler, "accuracy": {}, "fd": {}}
@@ -153,7 +154,7 @@ def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> di
         save_grid(grid, out / f"grid_guidance{s:g}.png", rows=k, row_labels=acc_batch["captions"][:k])
 
     scale = cfg.fd_guidance_scale if cfg.fd_guidance_scale is not None else recommended_guidance_scale(info)
-    extract = get_extractor(cfg.extractor)
+    extract = get_extractor(cfg.extractor, device)
     real = ds.batch(range(cfg.fd_images, 2 * cfg.fd_images))
     ref = FeatureStats.of(extract(real["pixel_values"]))
     prompts = ds.batch(range(cfg.fd_images))["captions"]

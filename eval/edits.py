@@ -22,6 +22,7 @@ from PIL import Image
 
 from baselines import data
 from baselines.errors import FewstepError
+from baselines.train import stage_device
 from eval import metrics as M
 from eval.sweep import read_rows
 
@@ -104,7 +105,7 @@ def group_metrics(clip: M.LoadedCLIP | None, rows: list[dict], base: list[Path])
     return out
 
 
-def run_edit_eval(cfg: EditEvalStage, out: Path) -> list[dict]:
+def run_edit_eval(cfg: EditEvalStage, out: Path, accelerator=None) -> list[dict]:
     """One row per (method, model, param name, param value) in ``<out>/edit_results.jsonl`` (rewritten)."""
     groups: dict[tuple, list[tuple[dict, Path]]] = {}
     for folder in map(Path, cfg.edits):
@@ -116,7 +117,7 @@ def run_edit_eval(cfg: EditEvalStage, out: Path) -> list[dict]:
     lpips_note = M.lpips_unavailable()
     if lpips_note:
         print(lpips_note)
-    clip = M.load_clip_model(cfg.clip) if cfg.clip else None
+    clip = M.load_clip_model(cfg.clip, stage_device(accelerator)) if cfg.clip else None
     results = []
     for (method, model, pname, pvalue), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         rows, base = [m[0] for m in members], [m[1] for m in members]

@@ -52,13 +52,13 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
 def clip_image_embeds(clip, images: Tensor) -> Tensor:
     """Unit-norm projected CLIP image embeddings (independent of the transformers version's
-    ``get_image_features`` return type)."""
-    return models.clip_embeds(clip, pixel_values=images)
+    ``get_image_features`` return type), computed on the CLIP's device and returned on the CPU."""
+    return models.clip_embeds(clip, pixel_values=images.to(clip.device)).float().cpu()
 
 
 def clip_text_embeds(clip, input_ids: Tensor) -> Tensor:
-    """Unit-norm projected CLIP text embeddings."""
-    return models.clip_embeds(clip, input_ids=input_ids)
+    """Unit-norm projected CLIP text embeddings, computed on the CLIP's device and returned on the CPU."""
+    return models.clip_embeds(clip, input_ids=input_ids.to(clip.device)).float().cpu()
 
 
 def _gaussian_kernel(sigma: float) -> Tensor:
@@ -133,8 +133,9 @@ class EmbeddedEvaluator:
 
     name = "embedded"
 
-    def __init__(self, clip_name: str = "shapes", reference_images: int = 2000, seed: int = 0):
+    def __init__(self, clip_name: str = "shapes", reference_images: int = 2000, seed: int = 0, device=None):
         self.clip, _ = models.load_clip(clip_name)
+        self.clip.to(device or "cpu")  # its features come back to the CPU, beside the low-level statistics
         self.resolution = self.clip.config.vision_config.image_size
         ref = data.ShapesDataset(split="heldout", resolution=self.resolution, seed=seed)
         # indices from the end of the held-out split, disjoint from the sets evaluations use
@@ -157,15 +158,21 @@ class EmbeddedEvaluator:
         return (self._raw(images) - self.shift) / self.scale
 
 
-@lru_cache(maxsize=4)
-def get_extractor(name: str):
+def get_extractor(name: str, device: str | torch.device | None = None):
     """A feature extractor by name: ``embedded`` (fewstep's own, on the shipped CLIP),
     ``embedded:<clip folder>`` (the same on another embedded CLIP), ``clip:<folder or hub id>``, or
-    ``inception`` / ``inception:<weights file>`` (torch-fidelity's InceptionV3, the network FID is defined on)."""
+    ``inception`` / ``inception:<weights file>`` (torch-fidelity's InceptionV3, the network FID is defined on).
+    Its network runs on ``device`` (default the CPU); the features it returns are on the CPU. Built once per
+    (name, device) in a process."""
+    return _extractor(name, str(torch.device(device or "cpu")))
+
+
+@lru_cache(maxsize=4)
+def _extractor(name: str, device: str):
     if name == "embedded" or name.startswith("embedded:"):
-        return EmbeddedEvaluator(clip_name=name.partition(":")[2] or "shapes")
+        return EmbeddedEvaluator(clip_name=name.partition(":")[2] or "shapes", device=device)
     if name.startswith("clip:"):
-        clip = load_clip_model(name[5:])
+        clip = load_clip_model(name[5:], device=device)
 
         @torch.no_grad()
         def clip_features(images: Tensor) -> Tensor:
@@ -173,7 +180,7 @@ def get_extractor(name: str):
 
         return clip_features
     if name == "inception" or name.startswith("inception:"):
-        return InceptionExtractor(name.partition(":")[2] or None)
+        return InceptionExtractor(name.partition(":")[2] or None, device=device)
     raise FewstepError(
         f"unknown feature extractor {name!r}; choose 'embedded', 'clip:<folder or hub id>' or 'inception'"
     )
@@ -260,7 +267,7 @@ class LoadedCLIP:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size,) * 2, mode="bicubic", antialias=True, align_corners=False)
         if self.mean is not None:
-            x = ((x + 1) / 2 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+            x = ((x + 1) / 2 - self.mean.to(x).view(1, -1, 1, 1)) / self.std.to(x).view(1, -1, 1, 1)
         return x
 
     @torch.no_grad()
@@ -274,15 +281,16 @@ class LoadedCLIP:
         return clip_text_embeds(self.model, tokenize(self.tokenizer, prompts))
 
 
-def load_clip_model(name: str) -> LoadedCLIP:
-    """``baselines.models.load_clip`` plus the pixel convention: a folder's ``preprocessor_config.json``
-    mean/std; a hub id's from the hub cache, else OpenAI's (with a warning); fewstep's own CLIPs
-    (``shapes``, or a folder ``save_clip`` marked) take [-1, 1]. A folder with neither file is read as
-    fewstep's, with a warning: a CLIP trained elsewhere needs its ``preprocessor_config.json``."""
+def load_clip_model(name: str, device=None) -> LoadedCLIP:
+    """``baselines.models.load_clip`` (on ``device``, default the CPU) plus the pixel convention: a folder's
+    ``preprocessor_config.json`` mean/std; a hub id's from the hub cache, else OpenAI's (with a warning);
+    fewstep's own CLIPs (``shapes``, or a folder ``save_clip`` marked) take [-1, 1]. A folder with neither file
+    is read as fewstep's, with a warning: a CLIP trained elsewhere needs its ``preprocessor_config.json``."""
     import json
     import warnings
 
     clip, tokenizer = models.load_clip(name)
+    clip.to(device or "cpu")
     folder = Path(name)
     if name == "shapes" or (folder / models.CLIP_PIXELS_FILE).is_file():
         return LoadedCLIP(clip, tokenizer)
@@ -342,7 +350,7 @@ class InceptionExtractor:
 
     name = "inception"
 
-    def __init__(self, weights: str | None = None):
+    def __init__(self, weights: str | None = None, device=None):
         from pathlib import Path
 
         path = Path(weights or os.environ.get("FEWSTEP_INCEPTION_WEIGHTS") or inception_weights_default())
@@ -360,7 +368,7 @@ class InceptionExtractor:
                 features_list=["2048"],
                 feature_extractor_weights_path=str(path),
                 antialias=False,
-            )
+            ).to(device or "cpu")
         except ModuleNotFoundError as e:
             raise FewstepError(
                 f"the 'inception' extractor needs torch-fidelity: pip install torch-fidelity ({e})"
@@ -372,7 +380,7 @@ class InceptionExtractor:
 
         def features(x: Tensor) -> Tensor:
             x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            return self.net(x).reshape(len(x), -1).double()
+            return self.net(x.to(next(self.net.parameters()).device)).reshape(len(x), -1).double().cpu()
 
         return _in_batches(features, images, batch_size)
 

@@ -230,15 +230,18 @@ def line_label(model: str, method: str, sampler: str, info: dict | None = None) 
     return f"{model} + {SAMPLER_NAMES.get(sampler, sampler)}"
 
 
-def _generate_split(pipe, prompts: list[str], seeds: list[int], **kwargs) -> torch.Tensor:
-    """Generate on every process (image i on rank i % world) and gather to all ranks, in order."""
+def _generate_split(pipe, prompts: list[str], seeds: list[int], **kwargs) -> torch.Tensor | None:
+    """Generate on every process (image i on rank i % world) and gather to rank 0, in order; the other ranks
+    get None (only rank 0 scores a cell: a gather to every rank would hold every image on every GPU)."""
     rank, world = process_group()
     mine = list(range(rank, len(prompts), world))
     images = generate(pipe, [prompts[i] for i in mine], seeds=[seeds[i] for i in mine], **kwargs)
     if world == 1:
         return images
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, (mine, images))
+    gathered: list | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object((mine, images), gathered, dst=0)
+    if rank != 0:
+        return None
     out = torch.empty((len(prompts), *images.shape[1:]))
     for idx, imgs in gathered:
         out[idx] = imgs
@@ -297,9 +300,9 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         seeds = [cfg.seed + i for i in range(cfg.n_images)]
         if rank == 0 and res not in refs_by_res:
             if "extract" not in tools and {"fd", "kid"} & set(cfg.metrics):
-                tools["extract"] = {e: M.get_extractor(e) for e in cfg.extractors}
+                tools["extract"] = {e: M.get_extractor(e, stage_device(accelerator)) for e in cfg.extractors}
             if "clip" not in tools and {"cmmd", "clip_score", "attributes"} & set(cfg.metrics):
-                tools["clip"] = M.load_clip_model(cfg.clip)
+                tools["clip"] = M.load_clip_model(cfg.clip, stage_device(accelerator))
             refs = {}
             for extractor, extract in tools.get("extract", {}).items():
                 feats = reference_features(cfg, extractor, extract, res)
