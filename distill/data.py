@@ -92,8 +92,8 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
             x0[idx] = latents.float()
         text = torch.cat(
             [
-                encode_text(pipe.tokenizer, pipe.text_encoder, prompts[i : i + cfg.batch_size])
-                for i in range(0, cfg.size, cfg.batch_size)
+                encode_text(pipe.tokenizer, pipe.text_encoder, prompts[i : i + cfg.batch_size]).float().cpu()
+                for i in range(0, cfg.size, cfg.batch_size)  # off the GPU chunk by chunk: a large pool's states
             ]
         )
         cache.mkdir(parents=True, exist_ok=True)
