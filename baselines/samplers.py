@@ -30,6 +30,7 @@ from baselines import diffusion, models
 from baselines.data import to_uint8
 from baselines.errors import FewstepError
 from baselines.guidance import encode_tokens, is_guidance_conditioned, text_batch
+from baselines.train import process_group
 
 SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
@@ -183,6 +184,26 @@ def generate(
     finally:
         pipe.scheduler = own_scheduler
     return torch.cat(images)
+
+
+def generate_split(pipe, prompts: list[str], seeds: list[int], **kwargs) -> torch.Tensor | None:
+    """``generate`` split over the processes of a torchrun launch (image i on rank i % world, its own seed as
+    always, so the result is the one process's) and gathered to rank 0, in order; the other ranks get None
+    (a gather to every rank would hold every image on every GPU). One process: ``generate``."""
+    rank, world = process_group()
+    if world == 1:
+        return generate(pipe, prompts, seeds=seeds, **kwargs)
+    mine = list(range(rank, len(prompts), world))
+    images = generate(pipe, [prompts[i] for i in mine], seeds=[seeds[i] for i in mine], **kwargs) if mine else None
+    gathered: list | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object((mine, images), gathered, dst=0)
+    if rank != 0:
+        return None
+    parts = [(idx, part) for idx, part in gathered if part is not None]
+    out = torch.empty((len(prompts), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+    for idx, part in parts:
+        out[idx] = part
+    return out
 
 
 def save_png(images: torch.Tensor, paths: list[Path]) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from baselines import data
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import encode_text
-from baselines.samplers import generate
+from baselines.samplers import generate_split
 from baselines.train import barrier, is_main_process
 
 
@@ -62,10 +62,11 @@ def pool_scales(guidance_range: tuple[float, float], count: int) -> list[float]:
 
 @torch.no_grad()
 def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], cache: Path) -> dict:
-    """x0 latents, text states and guidance scales of the teacher's own samples, cached on disk
-    (rank 0 draws them; every process reads the cache)."""
+    """x0 latents, text states and guidance scales of the teacher's own samples, cached on disk: every process of
+    a torchrun launch draws its share (one seed per sample, so the pool is the one process's), rank 0 writes it,
+    every process reads the cache."""
     tensors, meta = cache / "pool.safetensors", cache / "pool.json"
-    if is_main_process() and not tensors.is_file():
+    if not tensors.is_file():
         prompts = read_prompts(cfg.prompts, cfg.size, seed=cfg.seed)
         scales = pool_scales(guidance_range, cfg.scales)
         item_scale = [scales[i % len(scales)] for i in range(cfg.size)]
@@ -74,10 +75,10 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
             idx = [i for i in range(cfg.size) if item_scale[i] == s]
             chunks[s] = (
                 idx,
-                generate(
+                generate_split(
                     pipe,
                     [prompts[i] for i in idx],
-                    seeds=[cfg.seed * 1_000_003 + i for i in idx],
+                    [cfg.seed * 1_000_003 + i for i in idx],
                     sampler=cfg.sampler,
                     num_inference_steps=cfg.steps,
                     guidance_scale=s,
@@ -86,19 +87,20 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
                     latents=True,
                 ),
             )
-        first = next(iter(chunks.values()))[1]
-        x0 = torch.empty((cfg.size, *first.shape[1:]))
-        for idx, latents in chunks.values():
-            x0[idx] = latents.float()
-        text = torch.cat(
-            [
-                encode_text(pipe.tokenizer, pipe.text_encoder, prompts[i : i + cfg.batch_size]).float().cpu()
-                for i in range(0, cfg.size, cfg.batch_size)  # off the GPU chunk by chunk: a large pool's states
-            ]
-        )
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({"x0": x0.contiguous(), "text": text.float().contiguous()}, tensors)
-        meta.write_text(json.dumps({"prompts": prompts, "guidance_scale": item_scale}))
+        if is_main_process():  # the other ranks' shares were gathered here
+            first = next(iter(chunks.values()))[1]
+            x0 = torch.empty((cfg.size, *first.shape[1:]))
+            for idx, latents in chunks.values():
+                x0[idx] = latents.float()
+            text = torch.cat(
+                [
+                    encode_text(pipe.tokenizer, pipe.text_encoder, prompts[i : i + cfg.batch_size]).float().cpu()
+                    for i in range(0, cfg.size, cfg.batch_size)  # off the GPU chunk by chunk: a large pool's states
+                ]
+            )
+            cache.mkdir(parents=True, exist_ok=True)
+            save_file({"x0": x0.contiguous(), "text": text.float().contiguous()}, tensors)
+            meta.write_text(json.dumps({"prompts": prompts, "guidance_scale": item_scale}))
     barrier()
     return {**load_file(tensors), **json.loads(meta.read_text())}
 

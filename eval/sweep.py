@@ -24,7 +24,7 @@ from omegaconf import MISSING
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import SAMPLERS, generate, recommended_guidance_scale, unet_evaluations
+from baselines.samplers import SAMPLERS, generate, generate_split, recommended_guidance_scale, unet_evaluations
 from baselines.train import process_group, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
@@ -230,24 +230,6 @@ def line_label(model: str, method: str, sampler: str, info: dict | None = None) 
     return f"{model} + {SAMPLER_NAMES.get(sampler, sampler)}"
 
 
-def _generate_split(pipe, prompts: list[str], seeds: list[int], **kwargs) -> torch.Tensor | None:
-    """Generate on every process (image i on rank i % world) and gather to rank 0, in order; the other ranks
-    get None (only rank 0 scores a cell: a gather to every rank would hold every image on every GPU)."""
-    rank, world = process_group()
-    mine = list(range(rank, len(prompts), world))
-    images = generate(pipe, [prompts[i] for i in mine], seeds=[seeds[i] for i in mine], **kwargs)
-    if world == 1:
-        return images
-    gathered: list | None = [None] * world if rank == 0 else None
-    torch.distributed.gather_object((mine, images), gathered, dst=0)
-    if rank != 0:
-        return None
-    out = torch.empty((len(prompts), *images.shape[1:]))
-    for idx, imgs in gathered:
-        out[idx] = imgs
-    return out
-
-
 def cell_metrics(cfg: SweepStage, images: torch.Tensor, prompts: list[str], attrs, refs: dict, tools: dict) -> dict:
     """Every configured metric of one cell's images (in [0, 1]) against the reference features."""
     x = images * 2 - 1
@@ -315,7 +297,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         generate(pipe, prompts[:1], seeds=seeds[:1], sampler=sampler, num_inference_steps=1, guidance_scale=scale)
         for sampler, steps, scale in cells:
             start = time.perf_counter()
-            images = _generate_split(
+            images = generate_split(
                 pipe,
                 prompts,
                 seeds,

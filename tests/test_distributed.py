@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -53,6 +54,19 @@ def test_smoke_chain_trains_and_distils_on_two_processes(tmp_path):
         first = json.loads((tmp_path / round_log / "log.jsonl").read_text().splitlines()[0])
         assert first["world_size"] == 2, round_log
     assert (tmp_path / "guided_progressive" / "model" / "fewstep.json").is_file()
+    # the distillation pool, drawn half on each process and gathered, is the pool one process draws
+    from safetensors.torch import load_file
+
+    from baselines import models
+    from distill.data import PoolConfig, teacher_pool
+
+    pipe = models.load_pipeline(tmp_path / "teacher" / "model")
+    pool = teacher_pool(
+        pipe, PoolConfig(size=8, steps=2, batch_size=8), guidance_range=(1.0, 4.0), cache=tmp_path / "one"
+    )
+    two = load_file(tmp_path / "guidance" / "pool" / "pool.safetensors")
+    torch.testing.assert_close(two["x0"], pool["x0"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two["text"], pool["text"], rtol=1e-5, atol=1e-5)
 
 
 def test_sweep_on_two_processes_writes_the_single_process_rows_once(tmp_path):

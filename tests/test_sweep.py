@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from baselines import models
+from baselines import models, samplers
 from baselines.errors import ConfigError
 from eval import sweep as S
 from tests.conftest import ROOT, run_cli
@@ -25,6 +25,12 @@ def sweep_config(root, run, **kw) -> S.SweepStage:
     return S.SweepStage(**{**sweep_fields(root, run), **kw})
 
 
+def _patch_generate(monkeypatch, fn) -> None:
+    """Replace ``generate`` where the sweep calls it: its own warm-up, and ``generate_split``'s (baselines.samplers)."""
+    monkeypatch.setattr(S, "generate", fn)
+    monkeypatch.setattr(samplers, "generate", fn)
+
+
 def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
     calls = []
     real_generate = S.generate
@@ -36,7 +42,7 @@ def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
         (warmups if len(seeds) == 1 else calls).append(record)  # a model's untimed one-image warm-up call
         return real_generate(pipe, prompts, seeds=seeds, **kw)
 
-    monkeypatch.setattr(S, "generate", spy)
+    _patch_generate(monkeypatch, spy)
     cfg, out = sweep_config(tiny_models, tmp_path), tmp_path / "sweep"
     rows = S.run_sweep(cfg, out)
 
@@ -66,13 +72,13 @@ def test_sweep_rows_resume_and_same_seeds(tiny_models, tmp_path, monkeypatch):
     assert len({round(r["FD-clip"], 9) for r in rows}) > 1
 
     # rerun: every cell is done, nothing is generated
-    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("a finished cell was regenerated"))
+    _patch_generate(monkeypatch, lambda *a, **k: pytest.fail("a finished cell was regenerated"))
     assert len(S.run_sweep(cfg, out)) == 6
 
     # a killed sweep (last row lost, a torn half-line written) resumes with exactly the missing cell
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    monkeypatch.setattr(S, "generate", spy)
+    _patch_generate(monkeypatch, spy)
     calls.clear()
     rows2 = S.run_sweep(cfg, out)
     assert len(calls) == 1 and len(rows2) == 6
@@ -221,7 +227,7 @@ def test_a_changed_sweep_keeps_its_finished_cells_and_sets_aside_the_removed_one
             calls.append((kw["num_inference_steps"], kw["guidance_scale"]))
         return real_generate(pipe, prompts, seeds=seeds, **kw)
 
-    monkeypatch.setattr(S, "generate", spy)
+    _patch_generate(monkeypatch, spy)
     changed = [{**one[0], "steps": [1, 2]}]
     rows = S.run_sweep(sweep_config(tiny_models, tmp_path, models=changed, metrics=["clip_score"]), out)
     assert calls == [(2, 2.0)] and [r["steps"] for r in rows] == [1, 2]
