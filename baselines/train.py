@@ -81,8 +81,8 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 def process_group() -> tuple[int, int]:
     """(rank, world size). Under torchrun, initialises the process group (gloo on CPU, nccl on
     GPU) if nobody has: accelerate 1.15 was seen to report one process on CPU under torchrun. Its collective
-    timeout is ``PROCESS_GROUP_TIMEOUT``, not nccl's 10-minute default: some stages run on rank 0 alone (a
-    distillation pool, reference features, a download) while the other ranks wait at a barrier."""
+    timeout is ``PROCESS_GROUP_TIMEOUT``, not nccl's 10-minute default: some work runs on rank 0 alone (a sweep's
+    reference features and scoring, a download, a stage that is not distributed) while the other ranks wait."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
