@@ -116,12 +116,17 @@ def plot_vs_nfe(rows: list[dict], metric: str, path: Path) -> Path:
         if metric in r:
             groups[(r["label"], r["guidance_scale"])].append(r)
     multi = {label for (label, _), rs in groups.items() if len(rs) > 1}
+    line_scales = {scale for (_, scale), rs in groups.items() if len(rs) > 1}
     for (label, scale), rs in sorted(groups.items()):
-        if len(rs) == 1 and label in multi:
-            continue  # a lone trade-off cell of a line drawn at another guidance scale
+        if len(rs) == 1 and label in multi and scale not in line_scales:
+            continue  # a lone trade-off cell of a line drawn at another scale, with no line at its own to compare
         rs.sort(key=lambda r: r["nfe"])
         x, y = [r["nfe"] for r in rs], [r[metric] for r in rs]
         ci = [r.get(f"{metric}_ci95") for r in rs]
+        if len(rs) == 1 and label in multi:  # a comparison cell at another line's scale: a point with its interval
+            err = [[y[0] - ci[0][0]], [ci[0][1] - y[0]]] if ci[0] else None
+            ax.errorbar(x, y, yerr=err, fmt="s", capsize=3, label=f"{label}, s={scale:g}")
+            continue
         (line,) = ax.plot(x, y, marker="o", label=f"{label}, s={scale:g}")
         if all(ci):  # the bootstrap band
             ax.fill_between(x, [c[0] for c in ci], [c[1] for c in ci], color=line.get_color(), alpha=0.2)

@@ -250,3 +250,24 @@ def test_metric_plots_go_log_only_when_values_span_a_wide_range():
     assert R.wide_range([1035.0, 698.6, 71.7, 62.0])
     assert not R.wide_range([86.9, 91.6, 90.2])
     assert not R.wide_range([0.0, 5.0, 500.0]) and not R.wide_range([])
+
+
+def test_cost_plot_shows_a_lone_cell_only_beside_a_line_at_its_scale(tmp_path, monkeypatch):
+    """A model's cell at another guidance scale is a point with its interval when some line is drawn at that
+    scale (the teacher's 2 CFG steps at s = 4 beside the students' s = 4 line); otherwise it is left to the
+    trade-off plot."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+
+    def row(label, steps, scale):
+        return {"label": label, "steps": steps, "nfe": steps, "guidance_scale": scale, "FD": 10.0 + steps,
+                "FD_ci95": [9.0 + steps, 11.0 + steps]}  # fmt: skip
+
+    rows = [row("A", 1, 2.0), row("A", 2, 2.0), row("A", 1, 4.0), row("A", 4, 4.0)]
+    rows += [row("B", 2, 2.0), row("B", 4, 2.0), row("B", 2, 4.0), row("B", 2, 3.0)]
+    R.plot_vs_nfe(rows, "FD", tmp_path / "plot.png")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert sorted(legend) == ["A, s=2", "A, s=4", "B, s=2", "B, s=4"]  # B at s = 3: no line there
+    assert (tmp_path / "plot.png").is_file()
