@@ -99,7 +99,7 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
                 ]
             )
             cache.mkdir(parents=True, exist_ok=True)
-            save_file({"x0": x0.contiguous(), "text": text.float().contiguous()}, tensors)
+            save_file({"x0": x0.contiguous(), "text": text.contiguous()}, tensors)  # both float32
             meta.write_text(json.dumps({"prompts": prompts, "guidance_scale": item_scale}))
     barrier()
     return {**load_file(tensors), **json.loads(meta.read_text())}

@@ -262,6 +262,7 @@ def cell_metrics(cfg: SweepStage, images: torch.Tensor, prompts: list[str], attr
 def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
     """Run every unfinished cell; returns all rows of ``results.jsonl``."""
     rank, world = process_group()
+    device = stage_device(accelerator)  # the pipelines and, on rank 0, the scoring networks
     results = Path(out) / "results.jsonl"
     done = {r.get("config_hash") for r in read_rows(results)}
     current: set[str] = set()  # this config's cells: rows of others (a config changed in place) are set aside
@@ -270,7 +271,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
     for entry in cfg.models:
         info = models.read_info(entry["path"])
         model_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16] if info else ""
-        pipe = models.load_pipeline(entry["path"], device=stage_device(accelerator))
+        pipe = models.load_pipeline(entry["path"], device=device)
         conditioned = is_guidance_conditioned(pipe.unet)
         hashes = {c: cell_hash(cfg, entry, *c, model_id) for c in model_cells(cfg, entry, info, conditioned)}
         current.update(hashes.values())
@@ -282,9 +283,9 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         seeds = [cfg.seed + i for i in range(cfg.n_images)]
         if rank == 0 and res not in refs_by_res:
             if "extract" not in tools and {"fd", "kid"} & set(cfg.metrics):
-                tools["extract"] = {e: M.get_extractor(e, stage_device(accelerator)) for e in cfg.extractors}
+                tools["extract"] = {e: M.get_extractor(e, device) for e in cfg.extractors}
             if "clip" not in tools and {"cmmd", "clip_score", "attributes"} & set(cfg.metrics):
-                tools["clip"] = M.load_clip_model(cfg.clip, stage_device(accelerator))
+                tools["clip"] = M.load_clip_model(cfg.clip, device)
             refs = {}
             for extractor, extract in tools.get("extract", {}).items():
                 feats = reference_features(cfg, extractor, extract, res)
