@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from baselines import data, models
@@ -115,7 +116,9 @@ def bench_model(
 
     Each repeat times the pipeline and its bare work (U-Net calls, VAE decode, prompt encoding) back to
     back, alternating which goes first, so a change of machine speed between repeats cancels in that
-    repeat's ratio; the row is the repeat with the median overhead ratio. ``device``: default a GPU if any.
+    repeat's ratio; the row is the repeat with the median overhead ratio, and ``overhead_q1`` /
+    ``overhead_q3`` are the quartiles of the repeats' ratios (their spread: how far one row's ratio is
+    from noise). ``device``: default a GPU if any.
     """
     device = bench_device(device)
     pipe = models.load_pipeline(model, device=device)
@@ -148,6 +151,7 @@ def bench_model(
         timed = sorted((_repeat(run, work, device, pipeline_first=i % 2 == 0) for i in repeat), key=_ratio)
         pipeline, unet_s, vae_s, text_s = timed[len(timed) // 2]
         raw = unet_s + vae_s
+        q1, q3 = np.percentile([_ratio(t) for t in timed], [25, 75]).tolist()
         rows.append(
             {
                 "model": name or str(model),
@@ -164,6 +168,8 @@ def bench_model(
                 "vae_decode_ms": 1000 * vae_s,
                 "text_encoding_ms": 1000 * text_s,
                 "overhead": pipeline / raw,
+                "overhead_q1": q1,
+                "overhead_q3": q3,
                 "overhead_beyond_text": pipeline / (raw + text_s),
             }
         )
@@ -174,14 +180,15 @@ def markdown_table(rows: list[dict]) -> str:
     """The bench rows as a markdown table."""
     head = (
         "| model | method | sampler | steps | w | nfe | s/image | raw U-Net+VAE s/image | U-Net ms/call "
-        "| VAE ms | text enc. ms | overhead | beyond text enc. |"
+        "| VAE ms | text enc. ms | overhead [quartiles] | beyond text enc. |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {r['nfe']} "
             f"| {r['seconds_per_image']:.4f} | {r['raw_seconds_per_image']:.4f} | {r['unet_ms_per_call']:.1f} "
-            f"| {r['vae_decode_ms']:.1f} | {r['text_encoding_ms']:.1f} | {r['overhead']:.2f} "
+            f"| {r['vae_decode_ms']:.1f} | {r['text_encoding_ms']:.1f} "
+            f"| {r['overhead']:.2f} [{r['overhead_q1']:.2f}, {r['overhead_q3']:.2f}] "
             f"| {r['overhead_beyond_text']:.2f} |"
         )
     return "\n".join(lines)
@@ -235,9 +242,9 @@ def run_bench(
     body = (
         f"Measured {time.strftime('%Y-%m-%d')} on {where} ({on}), batch {batch_size}, "
         f"{repeats} repeats, each timing the pipeline and its bare work back to back (alternating which goes "
-        "first); each row is the repeat "
-        "with the median ratio. raw = the U-Net calls (bare forwards on the same batch, CFG pair batched) + one "
-        "VAE decode; overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the batch's "
+        "first); each row is the repeat with the median ratio, [quartiles] of the repeats' ratios beside it. "
+        "raw = the U-Net calls (bare forwards on the same batch, CFG pair batched) + one VAE decode; "
+        "overhead = pipeline time / raw; beyond text enc. = pipeline time / (raw + the batch's "
         "prompt encoding).\n\n" + markdown_table(rows)
     )
     write_section(out, body)

@@ -159,6 +159,8 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
     for r in rows:  # what the bare work measures is checked by the hook test below
         assert r["raw_seconds_per_image"] > 0 and r["unet_ms_per_call"] > 0 and r["vae_decode_ms"] > 0
         assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] < r["overhead"]
+        assert r["overhead_q1"] <= r["overhead"] <= r["overhead_q3"]  # the median repeat lies between the quartiles
+        assert f"{r['overhead']:.2f} [{r['overhead_q1']:.2f}, {r['overhead_q3']:.2f}]" in out.read_text()
     bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept text") and text.count(bench.START) == 1
