@@ -42,9 +42,13 @@ class ProgressiveStage:
     parametrisation: str = "v"  # what the students predict: v or x0 (never eps)
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, lr=1e-4, checkpoint_every=100))
-    seed: int = 0
+    seed: int = 0  # unused (the students start from the teacher); kept, at 0, so existing runs keep their hashes
 
     def __post_init__(self):
+        if self.seed != 0:
+            raise ConfigError(
+                "progressive.seed does nothing: set pool.seed (the teacher's samples) or train.seed (training noise)"
+            )
         if self.parametrisation not in ("v", "x0"):
             raise ConfigError(f"parametrisation must be 'v' or 'x0' (never eps), got {self.parametrisation!r}")
         ratio = self.start_steps // max(self.end_steps, 1)

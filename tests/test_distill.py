@@ -305,6 +305,7 @@ def test_guidance_student_recommends_a_scale_it_was_trained_at(pipes, tmp_path):
         dict(start_steps=4, end_steps=4),
         dict(parametrisation="eps"),
         dict(guidance_range=[0.5, 2.0]),
+        dict(seed=1),  # unused: an error, not a silent no-op
     ],
 )
 def test_bad_progressive_configs_are_one_line_errors(bad):
