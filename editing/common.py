@@ -241,6 +241,7 @@ def edit_row(
     mask_path: str | None,
     param: dict,
     steps: int,
+    guidance_scale: float,
     nfe: int,
     seconds: float,
 ) -> dict:
@@ -255,6 +256,7 @@ def edit_row(
         "source_prompt": item.source_prompt,
         "param": param,
         "steps": steps,
+        "guidance_scale": guidance_scale,
         "nfe": nfe,
         "seconds": round(seconds, 4),
         "target_attributes": item.target_attributes,

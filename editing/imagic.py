@@ -36,6 +36,7 @@ from editing.common import (
     decode_latents,
     edit_row,
     encode_image,
+    finetune_guidance_scale,
     model_resolution,
     preflight,
     resolve_inputs,
@@ -162,7 +163,7 @@ class ImagicStage:
     source: EditSource = field(default_factory=EditSource)
     etas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     steps: int | None = None  # stage C; default: the model's recommended steps
-    guidance_scale: float | None = None  # stage C (and A/B for a guidance-conditioned student)
+    guidance_scale: float | None = None  # stage C (A and B fit a guidance-conditioned model at finetune_guidance_scale)
     lora_rank: int = 0  # stage B: 0 = fine-tune the whole U-Net; r > 0 = rank-r LoRA, merged after
     save_models: bool = True
     seed: int = 0
@@ -200,6 +201,9 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
     parent = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     info = models.read_info(cfg.model)
     steps, scale, _ = resolve_defaults(parent, info, steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim")
+    # A and B fit the conditional prediction (the denoising loss's target), as Imagic does before sampling with
+    # guidance; a guidance-conditioned model fitted at stage C's scale would learn to stop guiding there
+    fit_scale = finetune_guidance_scale(info)
     student = _load_student(cfg, stage_device(accelerator)) if cfg.student else None
     # every input starts from the same weights: the model's, as loaded
     base = {n: v.clone() for n, v in parent.unet.state_dict().items()} if student else None
@@ -217,7 +221,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
                 e_tgt,
                 cfg.embedding,
                 folder / "train_embedding",
-                guidance_scale=scale,
+                guidance_scale=fit_scale,
                 accelerator=accelerator,
             )
             finetune_unet(
@@ -226,7 +230,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
                 e_opt,
                 cfg.finetune,
                 folder / "train_unet",
-                guidance_scale=scale,
+                guidance_scale=fit_scale,
                 lora_rank=cfg.lora_rank,
                 accelerator=accelerator,
             )
@@ -278,6 +282,7 @@ def run_imagic(cfg: ImagicStage, out: Path, accelerator=None) -> list[dict]:
                     mask_path=None,
                     param={"eta": eta},
                     steps=run.steps,
+                    guidance_scale=run.guidance_scale,
                     nfe=nfe,
                     seconds=sample.seconds / len(cfg.etas),
                 )

@@ -172,6 +172,7 @@ def run_inpaint(cfg: InpaintStage, out: Path, accelerator=None) -> list[dict]:
                 mask_path=mask_path,
                 param={"strength": cfg.strength},
                 steps=steps,
+                guidance_scale=scale,
                 nfe=edit_nfe(pipe, steps=steps, strength=cfg.strength, guidance_scale=scale),
                 seconds=timer.seconds,
             )

@@ -161,6 +161,7 @@ def run_sdedit(cfg: SDEditStage, out: Path, accelerator=None) -> list[dict]:
                     mask_path=None,
                     param={"strength": strength},
                     steps=steps,
+                    guidance_scale=scale,
                     nfe=nfe,
                     seconds=timer.seconds,
                 )

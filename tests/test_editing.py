@@ -225,6 +225,41 @@ def test_imagic_stage_a_trains_only_the_embedding_and_stage_b_only_the_unet(tiny
     assert _same(before["vae"], _state(pipe.vae)) and _same(before["text_encoder"], _state(pipe.text_encoder))
     assert torch.equal(e_opt, e_copy)
     torch.testing.assert_close(imagic.interpolate(e_tgt, e_opt, 1.0), e_tgt)
+    torch.testing.assert_close(imagic.interpolate(e_tgt, e_opt, 0.0), e_opt)
+    torch.testing.assert_close(imagic.interpolate(e_tgt, e_opt, 0.25), 0.25 * e_tgt + 0.75 * e_opt)
+
+
+def test_imagic_fits_a_guidance_conditioned_model_where_it_predicts_the_conditional_model(
+    tiny_folder, tmp_path, monkeypatch
+):
+    """Stages A and B fit the denoising loss's target, the conditional prediction: a guidance-conditioned
+    student is fed its fine-tuning scale there (the lowest it was distilled on), and stage C's scale only
+    when sampling."""
+    from distill.student import guidance_conditioned_unet
+
+    student = models.load_pipeline(tiny_folder)
+    student.unet = guidance_conditioned_unet(student.unet, embedding_dim=8)
+    info = {"method": "guidance", "guidance": {"range": [2.0, 8.0]}, "recommended": {"num_inference_steps": 2}}
+    models.save_pipeline(student, tmp_path / "student", info)
+    fitted = []
+    real_loss = imagic.denoising_loss
+
+    def spy(**kwargs):
+        fitted.append(kwargs.get("guidance_scale"))
+        return real_loss(**kwargs)
+
+    monkeypatch.setattr(imagic, "denoising_loss", spy)
+    cfg = imagic.ImagicStage(
+        model=str(tmp_path / "student"),
+        source=common.EditSource(num_inputs=1, change={"colour": "green"}),
+        etas=[1.0],
+        guidance_scale=5.0,
+        embedding=_quick(),
+        finetune=_quick(),
+    )
+    (row,) = imagic.run_imagic(cfg, tmp_path / "run")
+    assert fitted == [2.0] * 4  # 2 steps of stage A, 2 of stage B
+    assert row["guidance_scale"] == 5.0 and row["nfe"] == 2  # stage C: one pass per step at its scale
 
 
 def test_imagic_lora_stage_b_changes_only_attention_projections_and_merges(tiny_folder, tmp_path):
