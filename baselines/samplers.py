@@ -101,9 +101,9 @@ def recommended_guidance_scale(info: dict) -> float:
 def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: float | None, sampler: str | None):
     """Fill unset steps / guidance / sampler from the model's ``fewstep.json`` recommendations."""
     rec = info.get("recommended", {})
-    steps = steps or rec.get("num_inference_steps", 50)
+    steps = steps if steps is not None else rec.get("num_inference_steps", 50)
     guidance_scale = guidance_scale if guidance_scale is not None else recommended_guidance_scale(info)
-    sampler = sampler or rec.get("sampler", "ddim")
+    sampler = sampler if sampler is not None else rec.get("sampler", "ddim")
     if steps < 1:
         raise FewstepError(f"steps must be >= 1, got {steps}")
     return steps, guidance_scale, sampler

@@ -45,6 +45,8 @@ class GuidanceStage:
             raise ConfigError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi, got {self.guidance_range}")
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ConfigError(f"embedding_dim must be even and >= 2, got {self.embedding_dim}")
+        if self.recommended_steps is not None and self.recommended_steps < 1:
+            raise ConfigError(f"recommended_steps must be >= 1, got {self.recommended_steps}")
         lo, hi = self.guidance_range
         if self.recommended_guidance_scale is not None and not lo <= self.recommended_guidance_scale <= hi:
             raise ConfigError(
@@ -98,7 +100,11 @@ def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     if is_main_process():
         rec = info.get("recommended", {})
         # the teacher's scale (Stable Diffusion's 7.5 when it records none), clamped to the trained range
-        scale = cfg.recommended_guidance_scale or min(max(recommended_guidance_scale(info), lo), hi)
+        scale = (
+            cfg.recommended_guidance_scale
+            if cfg.recommended_guidance_scale is not None
+            else min(max(recommended_guidance_scale(info), lo), hi)
+        )
         students.save_student(
             teacher_pipe,
             student.unet,
@@ -114,7 +120,9 @@ def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
                 "training_steps": cfg.train.steps,
                 "loss": students.loss_summary(out / "train"),
                 "recommended": {
-                    "num_inference_steps": cfg.recommended_steps or rec.get("num_inference_steps", 50),
+                    "num_inference_steps": rec.get("num_inference_steps", 50)
+                    if cfg.recommended_steps is None
+                    else cfg.recommended_steps,
                     "guidance_scale": scale,
                     "sampler": rec.get("sampler", "ddim"),
                 },

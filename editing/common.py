@@ -8,6 +8,7 @@ Pixel convention: images are (B,3,H,W) in [-1, 1]; latents are scaled by the VAE
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,33 @@ def start_index(steps: int, strength: float) -> int:
     if not 0.0 <= strength <= 1.0:
         raise FewstepError(f"strength must be in [0, 1], got {strength}")
     return steps - min(int(steps * strength), steps)
+
+
+def check_strengths(strengths: list[float], steps: int) -> None:
+    """Each strength in [0, 1] runs at least one of the ``steps`` grid steps (strength 0, the VAE round trip,
+    runs none), as diffusers' img2img requires; warns when strengths run the same steps (identical edits)."""
+    runs: dict[int, list[float]] = {}
+    for strength in strengths:
+        run = steps - start_index(steps, strength)
+        if strength > 0 and run == 0:
+            raise ConfigError(
+                f"strength {strength:g} runs no step of {steps} (int({steps} x {strength:g}) = 0): "
+                "raise the strength or the steps"
+            )
+        runs.setdefault(run, []).append(strength)
+    for run, same in runs.items():
+        if len(same) > 1:
+            warnings.warn(
+                f"strengths {', '.join(f'{s:g}' for s in same)} all run {run} of {steps} steps: their edits are the "
+                "same",
+                stacklevel=2,
+            )
+
+
+def check_seeds(seeds: list[int], n: int) -> None:
+    """One seed per image: a batch of ``n`` images needs ``n`` seeds."""
+    if len(seeds) != n:
+        raise FewstepError(f"{n} image(s) but {len(seeds)} seed(s): give one seed per image")
 
 
 def draw_noise(shape: tuple, seeds: list[int]) -> Tensor:

@@ -21,6 +21,8 @@ from baselines.timing import Timer
 from baselines.train import stage_device
 from editing.common import (
     EditSource,
+    check_seeds,
+    check_strengths,
     decode_latents,
     draw_noise,
     edit_row,
@@ -52,6 +54,7 @@ def inpaint_latents(
     """Inpainted latents: where ``keep`` (B,1,h,w) is 1 the latent is the original noised to the
     current time after every step, and after the last step it is exactly the original latent (also
     where the schedule's final alpha-bar is not 1, as with ``set_alpha_to_one=False``)."""
+    check_seeds(seeds, latents.shape[0])
     noise = draw_noise(tuple(latents.shape[1:]), seeds).to(latents)
     acp = pipe.scheduler.alphas_cumprod
 
@@ -141,6 +144,7 @@ def run_inpaint(cfg: InpaintStage, out: Path, accelerator=None) -> list[dict]:
     steps, scale, _ = resolve_defaults(
         pipe, models.read_info(cfg.model), steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
     )
+    check_strengths([cfg.strength], steps)
     res = model_resolution(pipe)
     inputs = resolve_inputs(cfg.source, res)
     user_mask = load_mask(cfg.mask, cfg.source.image, res) if cfg.mask is not None else None

@@ -22,6 +22,8 @@ from baselines.train import stage_device
 from editing.common import (
     EditSource,
     StepCallback,
+    check_seeds,
+    check_strengths,
     ddim_partial,
     decode_latents,
     draw_noise,
@@ -80,6 +82,8 @@ def img2img(
     """Edited latents: ``latents`` noised to grid point ``start_index(steps, strength)`` with one
     generator per image (``seeds[i]``), then DDIM over the rest of the pipeline's grid. ``pure_noise``:
     at strength 1 begin from the noise alone (``ddim_partial``)."""
+    check_strengths([strength], steps)
+    check_seeds(seeds, latents.shape[0])
     grid = timestep_grid(pipe.scheduler.config, steps)
     start = start_index(steps, strength)
     if noise is None:
@@ -134,6 +138,7 @@ def run_sdedit(cfg: SDEditStage, out: Path, accelerator=None) -> list[dict]:
     steps, scale, _ = resolve_defaults(
         pipe, models.read_info(cfg.model), steps=cfg.steps, guidance_scale=cfg.guidance_scale, sampler="ddim"
     )
+    check_strengths(cfg.strengths, steps)
     inputs = resolve_inputs(cfg.source, model_resolution(pipe))
     rows = []
     for k, item in enumerate(inputs):

@@ -103,7 +103,11 @@ def learn_embeddings(pipe, cfg: TextualInversionStage, out_dir: Path, accelerato
     if cfg.guidance_scale is not None and not conditioned:
         raise ConfigError(f"guidance_scale is for a guidance-conditioned student; {cfg.model} takes no scale")
     kwargs = (
-        {"guidance_scale": cfg.guidance_scale or finetune_guidance_scale(models.read_info(cfg.model))}
+        {
+            "guidance_scale": finetune_guidance_scale(models.read_info(cfg.model))
+            if cfg.guidance_scale is None
+            else cfg.guidance_scale
+        }
         if conditioned
         else {}
     )

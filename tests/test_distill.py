@@ -296,6 +296,8 @@ def test_guidance_student_recommends_a_scale_it_was_trained_at(pipes, tmp_path):
     )
     with pytest.raises(ConfigError, match="outside guidance_range"):
         GuidanceStage(teacher="x", guidance_range=[1.0, 5.0], recommended_guidance_scale=7.5)
+    with pytest.raises(ConfigError, match="recommended_steps must be >= 1"):  # 0 was read as "unset"
+        GuidanceStage(teacher="x", recommended_steps=0)
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,26 @@ def test_strength_maps_to_the_start_of_the_grid_as_img2img():
             common.start_index(10, bad)
 
 
+def test_a_strength_that_runs_no_step_is_an_error_and_strengths_running_the_same_steps_warn(tiny_pipe):
+    common.check_strengths([0.0, 0.25, 1.0], 4)  # 0 (the VAE round trip), 1 and 4 steps
+    with pytest.raises(ConfigError, match=r"strength 0.2 runs no step of 4 \(int\(4 x 0.2\) = 0\)"):
+        common.check_strengths([0.5, 0.2], 4)  # before: the input came back unedited, with the row saying 0.2
+    with pytest.warns(UserWarning, match="strengths 0.5, 0.6, 0.7 all run 2 of 4 steps"):
+        common.check_strengths([0.5, 0.6, 0.7, 1.0], 4)
+    x = _pixels(tiny_pipe)
+    with pytest.raises(ConfigError, match="runs no step"):
+        sdedit.sdedit(tiny_pipe, x, [PROMPT] * 2, strength=0.2, steps=4, guidance_scale=3.0, seeds=[0, 1])
+
+
+def test_edits_need_one_seed_per_image(tiny_pipe):
+    x = _pixels(tiny_pipe)
+    with pytest.raises(FewstepError, match=r"2 image\(s\) but 1 seed\(s\)"):  # before: both images drew seed 0's noise
+        sdedit.sdedit(tiny_pipe, x, [PROMPT] * 2, strength=0.5, steps=4, guidance_scale=3.0, seeds=[0])
+    masks = torch.ones(2, 1, *x.shape[-2:])
+    with pytest.raises(FewstepError, match="one seed per image"):
+        inpaint.inpaint(tiny_pipe, x, masks, [PROMPT] * 2, steps=2, guidance_scale=3.0, seeds=[0, 1, 2])
+
+
 def test_sdedit_strength_zero_returns_the_vae_reconstruction(tiny_pipe):
     x = _pixels(tiny_pipe)
     out = sdedit.sdedit(tiny_pipe, x, [PROMPT] * 2, strength=0.0, steps=4, guidance_scale=3.0, seeds=[0, 1])

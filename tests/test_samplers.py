@@ -147,3 +147,14 @@ def test_prompt_states_warn_on_truncation_and_use_the_mask_when_the_encoder_asks
     torch.testing.assert_close(masked, stock, rtol=0, atol=1e-6)
     monkeypatch.setattr(tiny_pipe.text_encoder.config, "use_attention_mask", False)
     assert not torch.allclose(prompt_states(tiny_pipe, prompts), masked)  # the mask changed the states
+
+
+def test_defaults_fill_only_what_is_unset(tiny_pipe):
+    from baselines.errors import FewstepError
+    from baselines.samplers import resolve_defaults
+
+    info = {"recommended": {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "unipc"}}
+    assert resolve_defaults(tiny_pipe, info, steps=None, guidance_scale=None, sampler=None) == (4, 3.0, "unipc")
+    assert resolve_defaults(tiny_pipe, info, steps=2, guidance_scale=1.0, sampler="ddim") == (2, 1.0, "ddim")
+    with pytest.raises(FewstepError, match="steps must be >= 1, got 0"):  # 0 was read as unset: 4 steps
+        resolve_defaults(tiny_pipe, info, steps=0, guidance_scale=None, sampler=None)
