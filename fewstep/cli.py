@@ -52,14 +52,97 @@ def _sample(args) -> None:
     print(f"wrote {len(paths)} images to {args.out}")
 
 
+# options only some methods of a verb read: given to another they are an error (they were ignored)
+METHOD_OPTIONS = {
+    "edit": {
+        "mask": ("inpaint",),
+        "strength": ("sdedit", "inpaint"),
+        "eta": ("imagic",),
+        "embedding_steps": ("imagic",),
+        "finetune_steps": ("imagic",),
+        "no_composite": ("inpaint",),
+    },
+    "train": {
+        "num_vectors": ("textual-inversion",),
+        "prior_weight": ("dreambooth",),
+        "num_class_images": ("dreambooth",),
+        "class_noun": ("dreambooth",),
+        "train_text_encoder": ("dreambooth",),
+    },
+}
+RUN_RECORD = "fewstep-cli.json"
+
+
+def _check_method_options(verb: str, args) -> None:
+    for key, methods in METHOD_OPTIONS[verb].items():
+        given = getattr(args, key)
+        if given is not None and given is not False and args.method not in methods:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} is only used by 'fewstep {verb} {' / '.join(methods)}'")
+
+
+def _inputs_digest(paths: list[str | None]) -> str:
+    """sha256 of the contents of the input files and of every file in the input folders."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for given in paths:
+        if given is None or not Path(given).exists():
+            continue
+        root = Path(given)
+        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if f.is_file():
+                digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\n".encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _resumable(verb: str, args, run):
+    """Run ``run()``, whose ``--out`` holds checkpoints it resumes from. The folder records the command's
+    arguments and its inputs' digest: a rerun with the same ones resumes, and a folder holding another run
+    (another prompt, image or setting) is a one-line error rather than a silent resume of that run's
+    checkpoints."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    out = Path(args.out)
+    skip = ("func", "device", "out")
+    record = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    record["inputs"] = _inputs_digest([getattr(args, k, None) for k in ("image", "mask", "images")])
+    record = json.loads(json.dumps({"verb": verb, **record}))
+    path = out / RUN_RECORD
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != record:
+            key = next(k for k in sorted(set(old) | set(record)) if old.get(k) != record.get(k))
+            raise ConfigError(
+                f"{out} holds a run with other arguments ({key}: {old.get(key)!r}, now {record.get(key)!r}); "
+                "give another --out, or delete it"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no 'fewstep {verb}' run: give a new or empty --out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    try:
+        return run()
+    except BaseException:
+        if created and [p.name for p in out.iterdir()] == [RUN_RECORD]:  # failed before writing anything
+            shutil.rmtree(out)
+        raise
+
+
 def _edit(args) -> None:
     from pathlib import Path
 
     from baselines.train import TrainConfig
     from editing import common, imagic, inpaint, sdedit
 
-    if args.mask is not None and args.method != "inpaint":
-        raise ConfigError("--mask is only used by 'fewstep edit inpaint'")
+    _check_method_options("edit", args)
+    if args.method == "inpaint" and args.strength and len(args.strength) > 1:
+        raise ConfigError("inpaint takes one --strength")
     source = common.EditSource(image=args.image, prompt=args.prompt, source_prompt=args.source_prompt)
     shared = dict(model=args.model, source=source, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
     out = Path(args.out)
@@ -72,13 +155,15 @@ def _edit(args) -> None:
         stage = inpaint.InpaintStage(**shared, mask=args.mask, strength=strength, composite=not args.no_composite)
         rows = inpaint.run_inpaint(stage, out, accelerator=accelerator)
     else:
+        embedding_steps = 100 if args.embedding_steps is None else args.embedding_steps
+        finetune_steps = 100 if args.finetune_steps is None else args.finetune_steps
         stage = imagic.ImagicStage(
             **shared,
             etas=args.eta or imagic.ImagicStage().etas,
-            embedding=TrainConfig(steps=args.embedding_steps, batch_size=4, lr=1e-2, checkpoint_every=10_000),
-            finetune=TrainConfig(steps=args.finetune_steps, batch_size=4, lr=1e-4, checkpoint_every=10_000),
+            embedding=TrainConfig(steps=embedding_steps, batch_size=4, lr=1e-2, checkpoint_every=10_000),
+            finetune=TrainConfig(steps=finetune_steps, batch_size=4, lr=1e-4, checkpoint_every=10_000),
         )
-        rows = imagic.run_imagic(stage, out, accelerator=accelerator)
+        rows = _resumable("edit", args, lambda: imagic.run_imagic(stage, out, accelerator=accelerator))
     print(f"wrote {len(rows)} edits to {out / 'edits.jsonl'}")
 
 
@@ -95,6 +180,7 @@ def _train(args) -> None:
     from baselines.train import TrainConfig
     from editing import concepts, dreambooth, textual_inversion
 
+    _check_method_options("train", args)
     source = concepts.ConceptSource(
         images=args.images, template=args.template, concept=_concept(args.concept), num_images=args.num_images
     )
@@ -107,23 +193,24 @@ def _train(args) -> None:
             model=args.model,
             source=source,
             placeholder=args.token or "<concept>",
-            num_vectors=args.num_vectors,
+            num_vectors=1 if args.num_vectors is None else args.num_vectors,
             train=train,
         )
-        textual_inversion.run_textual_inversion(stage, out, accelerator=accelerator)
+        _resumable("train", args, lambda: textual_inversion.run_textual_inversion(stage, out, accelerator=accelerator))
         print(f"wrote {out / textual_inversion.EMBEDS_FILE} (load with pipe.load_textual_inversion)")
     else:
         stage = dreambooth.DreamBoothStage(
             model=args.model,
             source=source,
             identifier=args.token or "sks",
-            class_noun=args.class_noun,
-            prior_weight=args.prior_weight,
-            num_class_images=args.num_class_images,
+            class_noun=args.class_noun or "",
+            prior_weight=1.0 if args.prior_weight is None else args.prior_weight,
+            num_class_images=32 if args.num_class_images is None else args.num_class_images,
             train_text_encoder=args.train_text_encoder,
             train=train,
         )
-        print(f"wrote {dreambooth.run_dreambooth(stage, out, accelerator=accelerator)}")
+        folder = _resumable("train", args, lambda: dreambooth.run_dreambooth(stage, out, accelerator=accelerator))
+        print(f"wrote {folder}")
 
 
 def _report(args) -> None:
@@ -188,8 +275,8 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--eta", type=float, nargs="+", default=None, help="imagic sweep (default 0 .25 .5 .75 1)")
     edit.add_argument("--steps", type=int, default=None, help="default: the model's recommended steps")
     edit.add_argument("--guidance-scale", type=float, default=None)
-    edit.add_argument("--embedding-steps", type=int, default=100, help="imagic stage A steps")
-    edit.add_argument("--finetune-steps", type=int, default=100, help="imagic stage B steps")
+    edit.add_argument("--embedding-steps", type=int, default=None, help="imagic stage A steps (default 100)")
+    edit.add_argument("--finetune-steps", type=int, default=None, help="imagic stage B steps (default 100)")
     edit.add_argument("--no-composite", action="store_true", help="inpaint: do not paste unmasked pixels back")
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--out", required=True, help="output folder (PNGs and edits.jsonl)")
@@ -204,11 +291,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--template", default="a photo of {}", help="prompt for --images; {} = the token")
     t.add_argument("--token", default=None, help="placeholder (default <concept>) or identifier (default sks)")
     t.add_argument("--num-images", type=int, default=4)
-    t.add_argument("--num-vectors", type=int, default=1, help="textual inversion: vectors per placeholder")
-    t.add_argument("--prior-weight", type=float, default=1.0, help="dreambooth: 0 turns prior preservation off")
-    t.add_argument("--num-class-images", type=int, default=32)
-    t.add_argument("--class-noun", default="", help="dreambooth, --images: e.g. dog -> 'a photo of sks dog'")
-    t.add_argument("--train-text-encoder", action="store_true")
+    t.add_argument("--num-vectors", type=int, default=None, help="textual inversion: vectors per placeholder (1)")
+    t.add_argument("--prior-weight", type=float, default=None, help="dreambooth (1): 0 turns prior preservation off")
+    t.add_argument("--num-class-images", type=int, default=None, help="dreambooth (32)")
+    t.add_argument("--class-noun", default=None, help="dreambooth, --images: e.g. dog -> 'a photo of sks dog'")
+    t.add_argument("--train-text-encoder", action="store_true", help="dreambooth")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=None, help="default 5e-3 (textual inversion), 5e-5 (dreambooth)")

@@ -621,9 +621,64 @@ def test_cli_trains_textual_inversion_from_an_image_folder_and_rejects_a_missing
     assert cli.main(["train", "textual-inversion", str(tiny_folder), "--images", str(images), *common_args]) == 0
     assert (out / textual_inversion.EMBEDS_FILE).is_file()
     capsys.readouterr()
+    common_args[-1] = str(tmp_path / "db")
     code = cli.main(["train", "dreambooth", str(tiny_folder), "--images", str(tmp_path / "nope"), *common_args])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "is not a folder of images" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "db").exists()
+    (images / "0.png").unlink()  # the concept images changed: not a resume of the first run
+    common_args[-1] = str(out)
+    assert cli.main(["train", "textual-inversion", str(tiny_folder), "--images", str(images), *common_args]) == 2
+    assert "holds a run with other arguments (inputs:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["edit", "sdedit", "{model}", "--image", "{image}", "--eta", "0.5"], "--eta is only used by 'fewstep edit im"),
+        (["edit", "imagic", "{model}", "--image", "{image}", "--strength", "0.5"], "--strength is only used by"),
+        (["edit", "sdedit", "{model}", "--image", "{image}", "--no-composite"], "'fewstep edit inpaint'"),
+        (["edit", "inpaint", "{model}", "--image", "{image}", "--mask", "{image}", "--strength", "0.5", "1"],
+         "inpaint takes one --strength"),
+        (["train", "textual-inversion", "{model}", "--prior-weight", "0"], "'fewstep train dreambooth'"),
+        (["train", "dreambooth", "{model}", "--num-vectors", "2"], "'fewstep train textual-inversion'"),
+    ],
+)  # fmt: skip
+def test_cli_options_of_another_method_are_errors_not_ignored(tiny_folder, tmp_path, capsys, argv, message):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    argv = [a.format(model=tiny_folder, image=tmp_path / "image.png") for a in argv]
+    prompt = ["--prompt", PROMPT] if argv[0] == "edit" else []
+    code = cli.main([*argv, *prompt, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_imagic_resumes_its_own_run_and_refuses_another_runs_folder(tiny_folder, tmp_path, capsys):
+    """Imagic's --out holds the checkpoints of stages A and B: rerun with the same arguments it resumes (nothing
+    is trained again); with another prompt it is an error (it resumed the first run's e_opt and U-Net)."""
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "image.png")
+    out = tmp_path / "imagic"
+    argv = ["edit", "imagic", str(tiny_folder), "--image", str(tmp_path / "image.png"), "--steps", "2", "--eta", "1",
+            "--embedding-steps", "1", "--finetune-steps", "1", "--out", str(out)]  # fmt: skip
+    assert cli.main([*argv, "--prompt", PROMPT]) == 0
+    logs = sorted(out.glob("image/train_*/log.jsonl"))
+    assert len(logs) == 2
+    before = [log.read_text() for log in logs]
+    assert cli.main([*argv, "--prompt", PROMPT]) == 0
+    for log, old in zip(logs, before):  # resumed at its last step: no step trained again
+        new = log.read_text()[len(old) :].splitlines()
+        assert log.read_text().startswith(old) and [json.loads(line)["event"] for line in new] == ["resume"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--prompt", "a large blue square on a red background, center"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run with other arguments (prompt:" in err and len(err.splitlines()) == 1
+    Image.fromarray(np.full((20, 20, 3), 255, np.uint8)).save(tmp_path / "image.png")  # same path, new picture
+    assert cli.main([*argv, "--prompt", PROMPT]) == 2 and "(inputs:" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert cli.main([*argv[:-1], str(tmp_path / "other"), "--prompt", PROMPT]) == 2
+    assert "holds no 'fewstep edit' run" in capsys.readouterr().err
 
 
 def test_smoke_experiment_runs_every_editing_kind(smoke_run):
