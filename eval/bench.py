@@ -179,7 +179,7 @@ def bench_model(
 def markdown_table(rows: list[dict]) -> str:
     """The bench rows as a markdown table."""
     head = (
-        "| model | method | sampler | steps | w | nfe | s/image | raw U-Net+VAE s/image | U-Net ms/call "
+        "| model | method | sampler | steps | s | nfe | s/image | raw U-Net+VAE s/image | U-Net ms/call "
         "| VAE ms | text enc. ms | overhead [quartiles] | beyond text enc. |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -37,23 +37,30 @@ def fd_keys(rows: list[dict]) -> list[str]:
 
 
 def distinct_lines(rows: list[dict]) -> list[dict]:
-    """Rows whose (label, guidance scale, steps) would collide, so that one table cell or plot point would hide
-    another (two distillation chains of one method, a student under two samplers), get the sampler and then
-    the folder their model comes from added to the label; a chain of students (one folder per step count
-    under one stage folder) stays one line."""
+    """Rows of one label that come from more than one source (a sampler and the folder their model is in), or
+    that would share a (label, guidance scale, steps) cell, get the sampler, then the folder, then the model
+    name added to the label, each only where it tells them apart: two distillation chains of one method, or
+    a student under two samplers, are separate lines even at disjoint step counts, and a chain of students
+    (one folder per step count under one stage folder) stays one line."""
     rows = [dict(r) for r in rows]
+
+    def folder(r: dict) -> str:
+        return str(Path(r["path"]).parent) if r.get("path") else r["model"]
+
     for part in (
         lambda r: SAMPLER_NAMES.get(r["sampler"], r["sampler"]),
         lambda r: Path(r.get("path", "")).parent.name or r["model"],
         lambda r: r["model"],
     ):
-        seen = Counter((r["label"], r["guidance_scale"], r["steps"]) for r in rows)
-        clashing = {r["label"] for r in rows if seen[(r["label"], r["guidance_scale"], r["steps"])] > 1}
-        if not clashing:
-            break
+        groups = defaultdict(list)
         for r in rows:
-            if r["label"] in clashing:
-                r["label"] = f"{r['label']} [{part(r)}]"
+            groups[r["label"]].append(r)
+        for label, group in groups.items():
+            cells = Counter((r["guidance_scale"], r["steps"]) for r in group)
+            sources = {(r["sampler"], folder(r)) for r in group}
+            if (len(sources) > 1 or max(cells.values()) > 1) and len({part(r) for r in group}) > 1:
+                for r in group:
+                    r["label"] = f"{label} [{part(r)}]"
     return rows
 
 

@@ -244,6 +244,12 @@ def test_rows_that_would_share_a_table_cell_get_distinct_lines():
     assert labels[1] == labels[2]  # one chain, one line
     assert labels[4].startswith(f"{label} [Euler]") and "progressive_b" in labels[3]
     assert [r["label"] for r in R.distinct_lines(rows[:3])] == [r["label"] for r in rows[:3]]  # no clash: as is
+    # two chains at disjoint step counts, and a student under a second sampler at another step count, share no
+    # cell but are not one line
+    apart = [row("runs/v/progressive/progressive-4step", 4), row("runs/x0/progressive/progressive-2step", 2, model="n"),
+             row("runs/v/progressive/progressive-1step", 1, sampler="heun")]  # fmt: skip
+    labels = [r["label"] for r in R.distinct_lines(apart)]
+    assert labels == [f"{label} [DDIM] [m]", f"{label} [DDIM] [n]", f"{label} [Heun]"]
 
 
 def test_metric_plots_go_log_only_when_values_span_a_wide_range():
