@@ -90,9 +90,10 @@ def group_metrics(clip: M.LoadedCLIP | None, rows: list[dict], base: list[Path])
         "PSNR": float(M.psnr(outputs, inputs, data_range=1.0).clamp(max=100).mean()),
         "SSIM": float(M.ssim(outputs, inputs, data_range=1.0).mean()),
     }
-    masked = [i for i, r in enumerate(rows) if r.get("mask")]
+    keeps = {i: _mask(r["mask"], b) for i, (r, b) in enumerate(zip(rows, base)) if r.get("mask")}
+    masked = [i for i, keep in keeps.items() if keep.any()]  # a mask repainting everything keeps nothing to score
     if masked:
-        keep = torch.stack([_mask(rows[i]["mask"], base[i]) for i in masked])
+        keep = torch.stack([keeps[i] for i in masked])
         out["PSNR unmasked"] = float(
             M.psnr(outputs[masked], inputs[masked], keep, data_range=1.0).clamp(max=100).mean()
         )

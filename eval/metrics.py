@@ -460,26 +460,26 @@ def frechet_bootstrap(
 
 def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None, *, data_range: float = 1.0) -> Tensor:
     """Per-image PSNR in dB of images with values spanning ``data_range``; with a (N,1,H,W) mask in {0,1},
-    over the pixels where mask == 1 only."""
+    over the pixels where mask == 1 only (NaN for an image whose mask has none)."""
     if mask is None:
         from torchmetrics.functional.image import peak_signal_noise_ratio
 
         return peak_signal_noise_ratio(a, b, data_range=data_range, reduction="none", dim=(1, 2, 3))
     w = mask.expand_as(a).float()
-    mse = ((a - b) ** 2 * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp(min=1)
+    mse = ((a - b) ** 2 * w).sum((1, 2, 3)) / w.sum((1, 2, 3))  # 0 / 0 = NaN: no pixel to compare
     return 10 * torch.log10(data_range**2 / mse)
 
 
 def ssim(a: Tensor, b: Tensor, mask: Tensor | None = None, *, data_range: float = 1.0) -> Tensor:
     """Per-image SSIM (Wang et al. 2004; torchmetrics, Gaussian window 11, sigma 1.5); with a mask, the SSIM
-    map averaged over the pixels where mask == 1."""
+    map averaged over the pixels where mask == 1 (NaN for an image whose mask has none)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if mask is None:
         return structural_similarity_index_measure(a, b, data_range=data_range, reduction="none")
     _, full = structural_similarity_index_measure(a, b, data_range=data_range, reduction="none", return_full_image=True)
     w = mask.expand_as(full).float()
-    return (full * w).sum((1, 2, 3)) / w.sum((1, 2, 3)).clamp(min=1)
+    return (full * w).sum((1, 2, 3)) / w.sum((1, 2, 3))
 
 
 LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"

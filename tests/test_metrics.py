@@ -203,6 +203,9 @@ def test_psnr_and_ssim_with_explicit_data_range_and_mask():
     assert torch.isinf(psnr(a, b, mask)).all()  # identical where mask == 1
     assert (ssim(a, b) < 1).all() and (ssim(a, b, mask) > ssim(a, b)).all()
     torch.testing.assert_close(ssim(a, a), torch.ones(2))
+    mask[1] = 0  # image 1 keeps no pixel: nothing to score (it scored PSNR inf and SSIM 0)
+    assert torch.isinf(psnr(a, b, mask)[0]) and torch.isnan(psnr(a, b, mask)[1])
+    assert ssim(a, b, mask)[0] > 0.99 and torch.isnan(ssim(a, b, mask)[1])
 
 
 def test_lpips_says_why_it_is_left_out(monkeypatch, tmp_path):

@@ -54,6 +54,14 @@ def test_edit_eval_groups_by_param_and_measures_fidelity(edit_folder, tmp_path, 
     weak, strong = rows
     assert weak["PSNR"] > strong["PSNR"] and weak["SSIM"] > strong["SSIM"]
     assert weak["PSNR unmasked"] == 100 and strong["SSIM unmasked"] > strong["SSIM"]  # untouched outside the mask
+    from eval.edits import group_metrics
+
+    members = [json.loads(line) for line in (edit_folder / "edits.jsonl").read_text().splitlines()][:4:2]
+    everything = _save(torch.ones(3, 16, 16), tmp_path / "all.png")  # repaint all: no unmasked pixel to score
+    one_full = group_metrics(None, [members[0], {**members[1], "mask": everything}], [edit_folder] * 2)
+    alone = group_metrics(None, members[:1], [edit_folder])
+    assert one_full["SSIM unmasked"] == alone["SSIM unmasked"] and one_full["PSNR unmasked"] == alone["PSNR unmasked"]
+    assert "PSNR unmasked" not in group_metrics(None, [{**members[0], "mask": everything}], [edit_folder])
     # accuracies: the edited key (size) vs the four kept ones, as the CLIP reads the saved 0.3-strength outputs
     from eval.metrics import clip_image_similarity, load_clip_model, zero_shot_correct
 
