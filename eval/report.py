@@ -31,9 +31,10 @@ class ReportStage:
 
 
 def fd_keys(rows: list[dict]) -> list[str]:
-    """The Fréchet-distance columns of the rows ('FID', 'FD-<features>'), in the sweep's extractor order."""
-    keys = {k for r in rows for k in r if (k == "FID" or k.startswith("FD-")) and not k.endswith("_ci95")}
-    return sorted(keys, key=lambda k: (k != "FID", k))
+    """The Fréchet-distance columns of the rows ('FID', 'FD-<features>'), in the sweep's extractor order (the
+    order a row holds them in); the first is the one the trade-off plot uses."""
+    keys = (k for r in rows for k in r if (k == "FID" or k.startswith("FD-")) and not k.endswith("_ci95"))
+    return list(dict.fromkeys(keys))
 
 
 def distinct_lines(rows: list[dict]) -> list[dict]:

@@ -143,11 +143,13 @@ def _fingerprint(extract, images: torch.Tensor) -> str:
 
 def reference_features(cfg: SweepStage, features_name: str, extract, resolution: int) -> np.ndarray:
     """Features of the real reference images, computed once per (dataset, features, resolution, count,
-    extractor fingerprint) and cached as ``<cache_dir>/ref-<hash>.npy``."""
+    extractor fingerprint, the images' own digest) and cached as ``<cache_dir>/ref-<hash>.npy``."""
     dataset = cfg.dataset if cfg.dataset == "shapes" else str(Path(cfg.dataset).resolve())
     images = _reference_images(cfg, resolution)
+    pixels = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]  # the images themselves: a caption folder
+    # edited, or grown past the count asked for, is a new set
     key = json.dumps(
-        [dataset, features_name, resolution, cfg.reference_images, cfg.seed, _fingerprint(extract, images)]
+        [dataset, features_name, resolution, cfg.reference_images, cfg.seed, _fingerprint(extract, images), pixels]
     )
     path = Path(cfg.cache_dir) / f"ref-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
@@ -294,8 +296,9 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 refs["clip"] = reference_features(cfg, f"clip-embeds:{cfg.clip}", tools["clip"].image_embeds, res)
             refs_by_res[res] = refs
         method = info.get("method", "pretrained")
-        sampler, _, scale = cells[0]  # a warm-up call (allocator, first-call set-up) so no cell is timed cold
-        generate(pipe, prompts[:1], seeds=seeds[:1], sampler=sampler, num_inference_steps=1, guidance_scale=scale)
+        for sampler, scale in dict.fromkeys((c[0], c[2]) for c in cells):  # warm-up calls (allocator, first-call
+            # set-up of each sampler, the CFG batch), so no cell is timed cold
+            generate(pipe, prompts[:1], seeds=seeds[:1], sampler=sampler, num_inference_steps=1, guidance_scale=scale)
         for sampler, steps, scale in cells:
             start = time.perf_counter()
             images = generate_split(
@@ -329,6 +332,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "images_per_second": cfg.n_images / seconds,
                 "processes": world,
                 "threads": torch.get_num_threads(),
+                "device": str(device),
                 "config_hash": cell_hash(cfg, entry, sampler, steps, scale, model_id),
             }
             if cfg.grid_images:

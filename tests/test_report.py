@@ -287,3 +287,9 @@ def test_cost_plot_shows_a_lone_cell_only_beside_a_line_at_its_scale(tmp_path, m
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert sorted(legend) == ["A, s=2", "A, s=4", "B, s=2", "B, s=4"]  # B at s = 3: no line there
     assert (tmp_path / "plot.png").is_file()
+
+
+def test_fd_columns_keep_the_sweeps_extractor_order():
+    """The first FD column is the trade-off plot's: the sweep's first extractor, not the alphabetically first."""
+    rows = [{"FD-embedded": 1.0, "FD-embedded_ci95": [0.5, 1.5], "FD-clip": 2.0}, {"FD-embedded": 3.0, "FID": 4.0}]
+    assert R.fd_keys(rows) == ["FD-embedded", "FD-clip", "FID"]
