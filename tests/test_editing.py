@@ -183,6 +183,32 @@ def test_inpaint_keeps_unmasked_latents_and_pixels(tiny_pipe):
     assert not torch.equal(raw[unmasked], x[unmasked])  # the VAE round trip alone would change them
 
 
+def test_inpaint_feeds_each_step_the_known_region_noised_to_that_steps_time(tiny_pipe):
+    """RePaint-style replacement, as diffusers' inpainting: after every step the kept region is the original
+    latent noised (with the same noise) to the time the next step starts from, so the U-Net sees
+    alpha_t x0 + sigma_t eps there at every t, and pure noise at the first step (strength 1)."""
+    latents = common.encode_image(tiny_pipe.vae, _pixels(tiny_pipe))
+    keep = torch.zeros(2, 1, *latents.shape[-2:])
+    keep[..., :, :2] = 1
+    text = encode_text(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [PROMPT] * 2)
+    seen = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[1])))
+    try:
+        inpaint.inpaint_latents(tiny_pipe, latents, keep, text, steps=4, guidance_scale=1.0, seeds=[0, 1])
+    finally:
+        hook.remove()
+    noise = common.draw_noise(tuple(latents.shape[1:]), [0, 1])
+    grid = common.timestep_grid(tiny_pipe.scheduler.config, 4)
+    assert [int(t.flatten()[0]) for _, t in seen] == grid.tolist()
+    k = keep.expand_as(latents).bool()
+    torch.testing.assert_close(seen[0][0], noise)
+    for z, t in seen[1:]:
+        alpha, sigma = diffusion.alpha_sigma(alphas_cumprod=tiny_pipe.scheduler.alphas_cumprod, t=t.flatten()[:1])
+        expected = diffusion.diffuse(x0=latents, eps=noise, alpha=alpha, sigma=sigma)
+        torch.testing.assert_close(z[k], expected[k])
+        assert not torch.allclose(z[~k], expected[~k])  # the hole is the model's own
+
+
 def test_inpaint_ends_on_the_original_latent_when_the_final_alpha_bar_is_not_one(tiny_pipe):
     """Stable Diffusion 1.x schedulers have ``set_alpha_to_one=False``: noising to the final alpha-bar
     would leave noise in the kept region, so after the last step it is the original latent itself."""

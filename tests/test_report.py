@@ -167,12 +167,27 @@ def test_bench_measures_overhead_and_replaces_its_section(tmp_path):
     for r in rows:  # what the bare work measures is checked by the hook test below
         assert r["raw_seconds_per_image"] > 0 and r["unet_ms_per_call"] > 0 and r["vae_decode_ms"] > 0
         assert r["text_encoding_ms"] > 0 and r["overhead_beyond_text"] < r["overhead"]
-        assert r["overhead_q1"] <= r["overhead"] <= r["overhead_q3"]  # the median repeat lies between the quartiles
         assert f"{r['overhead']:.2f} [{r['overhead_q1']:.2f}, {r['overhead_q3']:.2f}]" in out.read_text()
     bench.run_bench([str(folder)], [1], out=out, guidance_scale=3.0, batch_size=2, repeats=1)
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept text") and text.count(bench.START) == 1
     assert "| tiny |" not in text and f"| {folder} |" in text  # the section was replaced, not appended
+
+
+def test_bench_row_is_the_median_repeat_with_the_quartiles_of_the_ratios(tmp_path, monkeypatch):
+    """Timings fed in: each repeat's ratio is its pipeline time over its U-Net + VAE time; the row keeps the
+    median repeat (its own text time too) and the quartiles of the five ratios."""
+    from eval import bench
+
+    folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "t", {"method": "teacher"})
+    pipeline = iter([1.0, 1.2, 1.1, 1.4, 1.3])
+    text = iter([0.01, 0.02, 0.03, 0.04, 0.05])
+    fixed = {"unet": lambda: 0.75, "vae": lambda: 0.25, "text": lambda: next(text), "run": lambda: next(pipeline)}
+    monkeypatch.setattr(bench, "_seconds", lambda fn, device: fixed[fn.__name__]())
+    (row,) = bench.bench_model(str(folder), [1], guidance_scale=1.0, batch_size=2, repeats=5)
+    assert row["overhead"] == pytest.approx(1.2) and row["text_encoding_ms"] == pytest.approx(20.0)
+    assert (row["overhead_q1"], row["overhead_q3"]) == (pytest.approx(1.1), pytest.approx(1.3))
+    assert row["seconds_per_image"] == pytest.approx(0.6) and row["overhead_beyond_text"] == pytest.approx(1.2 / 1.02)
 
 
 @pytest.mark.parametrize("guidance_scale, conditioned", [(1.0, False), (3.0, False), (3.0, True)])
