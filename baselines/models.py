@@ -317,24 +317,62 @@ def _check_folder(folder: Path) -> None:
                 raise FewstepError(f"{weights} is corrupt or truncated ({e.__class__.__name__})") from None
         if component in ("unet", "vae", "text_encoder") and not list(sub.glob("*.safetensors")):
             raise FewstepError(f"{sub} has no .safetensors weights (fewstep reads safetensors only)")
+        needs = {"tokenizer": ("vocab.json", "tokenizer.json"), "scheduler": ("scheduler_config.json",)}
+        if component in needs and not any((sub / name).is_file() for name in needs[component]):
+            raise FewstepError(f"{sub} has no {' or '.join(needs[component])}")
+
+
+WEIGHTED = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{e.__class__.__name__}: {text.splitlines()[0][:200]}" if text else e.__class__.__name__
+
+
+def check_loaded(what: str, info: dict) -> None:
+    """Refuse a model some of whose weights were missing from its file: the loaders would have initialised
+    them at random (transformers says so only in a log), and fewstep never runs a model with random weights."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise FewstepError(
+            f"{what} lacks {len(missing)} of the model's weights (e.g. {missing[0]}): a wrong or damaged weights "
+            "file; fewstep never runs a model with randomly initialised weights"
+        )
+
+
+def _load_component(location: str, component: str):
+    cls = WEIGHTED[component]
+    try:
+        model, info = cls.from_pretrained(
+            location, subfolder=component, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+        )
+    except Exception as e:  # loaders raise OSError, ValueError, safetensors and meta-tensor errors for bad files
+        raise FewstepError(f"cannot load {location}/{component}: {_first_line(e)}") from None
+    check_loaded(f"{location}/{component}", info)
+    return model
 
 
 def load_pipeline(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
-    """Load any Stable Diffusion pipeline (fp32, safetensors only, offline for local folders)."""
+    """Load any Stable Diffusion pipeline (fp32, safetensors only, offline for local folders). The U-Net, VAE
+    and text encoder are loaded one by one so that weights missing from their files are an error naming the
+    file, never a silent random initialisation."""
     location = resolve_model(name_or_path)
     if Path(location).is_dir():
         _check_folder(Path(location))
+    parts = {component: _load_component(location, component) for component in WEIGHTED}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             location,
+            **parts,
             dtype=torch.float32,
             use_safetensors=True,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    except OSError as e:
-        raise FewstepError(f"cannot load pipeline {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a missing or damaged tokenizer / scheduler file
+        raise FewstepError(f"cannot load pipeline {name_or_path!r}: {_first_line(e)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -352,11 +390,13 @@ def load_clip(name_or_path: str | os.PathLike) -> tuple[CLIPModel, CLIPTokenizer
     folder = PACKAGED / "clip" if name == "shapes" else Path(name)
     if name != "shapes" and not folder.exists() and name.count("/") != 1:
         raise FewstepError(f"CLIP {name!r} is neither 'shapes', a folder nor a hub id")
+    location = str(folder) if folder.exists() else name
     try:
-        clip = CLIPModel.from_pretrained(
-            str(folder) if folder.exists() else name, dtype=torch.float32, use_safetensors=True
+        clip, info = CLIPModel.from_pretrained(
+            location, dtype=torch.float32, use_safetensors=True, output_loading_info=True
         )
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder) if folder.exists() else name)
-    except OSError as e:
-        raise FewstepError(f"cannot load CLIP {name!r}: {str(e).splitlines()[0]}") from None
+        tokenizer = CLIPTokenizer.from_pretrained(location)
+    except Exception as e:  # a missing, truncated or damaged file
+        raise FewstepError(f"cannot load CLIP {name!r}: {_first_line(e)}") from None
+    check_loaded(f"CLIP {location}", info)
     return clip.eval(), tokenizer

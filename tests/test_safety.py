@@ -3,6 +3,7 @@
 import ast
 import re
 
+import pytest
 from conftest import ROOT
 
 SOURCES = [p for d in ("baselines", "distill", "editing", "eval", "fewstep") for p in (ROOT / d).rglob("*.py")]
@@ -40,3 +41,47 @@ def test_every_weight_loader_reads_safetensors_only():
             loaders.append(name)
             assert flag is True, f"{path}:{line}: {name}.from_pretrained without use_safetensors=True"
     assert {"StableDiffusionPipeline", "AutoencoderKL", "CLIPModel", "UNet2DConditionModel"} <= set(loaders)
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet"])
+def test_weights_missing_from_a_file_are_an_error_never_random_weights(tmp_path, component):
+    """A weights file whose tensor names do not match its model (another architecture, a damaged export):
+    transformers initialised the missing ones at random, saying so only in a log, and diffusers failed with a
+    meta-tensor traceback; both are one-line errors naming the component."""
+    from safetensors.torch import load_file, save_file
+
+    from baselines import models
+    from baselines.errors import FewstepError
+
+    folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "m", {"method": "test"})
+    models.load_pipeline(folder)  # intact: loads
+    (weights,) = (folder / component).glob("*.safetensors")
+    renamed = {k.replace("layers.0", "layers.9").replace("down_blocks.0", "down_blocks.9"): v
+               for k, v in load_file(weights).items()}  # fmt: skip
+    save_file(renamed, weights)
+    with pytest.raises(FewstepError, match=rf"{component}.*(lacks \d+ of the model's weights|cannot load)") as e:
+        models.load_pipeline(folder)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_damaged_tokenizer_or_clip_is_a_one_line_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from baselines import models
+    from baselines.errors import FewstepError
+
+    folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "m", {"method": "test"})
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    with pytest.raises(FewstepError, match="tokenizer has no vocab.json or tokenizer.json"):
+        models.load_pipeline(folder)  # it loaded, then failed with OverflowError at the first prompt
+    tokenizer = models.build_tokenizer()
+    clip_folder = models.save_clip(models.build_clip(models.get_preset("tiny"), tokenizer), tokenizer, tmp_path / "c")
+    models.load_clip(clip_folder)  # intact: loads
+    (weights,) = clip_folder.glob("*.safetensors")
+    save_file({k.replace("layers.0", "layers.9"): v for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(FewstepError, match="lacks .* of the model's weights"):
+        models.load_clip(clip_folder)
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(FewstepError, match="cannot load CLIP"):
+        models.load_clip(clip_folder)
