@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import re
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,11 +138,22 @@ def _named_strings(x, key: str = ""):
         yield key, x
 
 
+def _names_output(strings: list[str], output: Path) -> bool:
+    """Whether a string names ``output`` or a path inside it (also after a scheme prefix such as ``clip:``),
+    however it is spelt (``./runs/x``, ``runs//x``, ``runs/x/``)."""
+    target = os.path.normpath(output)
+    for s in strings:
+        path = os.path.normpath(s.split(":", 1)[-1])
+        if path == target or path.startswith(target + os.sep):
+            return True
+    return False
+
+
 def _reads(config: object, earlier: list[PlannedStage]) -> list[PlannedStage]:
     """The earlier stages whose output folder (or a path inside it) ``config`` names, also after a scheme
     prefix such as ``embedded:``."""
     named = [s for _, s in _named_strings(asdict(config))]
-    return [p for p in earlier if any(re.search(rf"(^|:){re.escape(str(p.output))}(/|$)", s) for s in named)]
+    return [p for p in earlier if _names_output(named, p.output)]
 
 
 SHIPPED_NAMES = ("shapes", "embedded")  # a model or extractor name that means the shipped embedded models
@@ -194,22 +206,37 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    import yaml
+
     try:
         cfg = OmegaConf.load(path)
+        if not OmegaConf.is_dict(cfg):
+            raise ConfigError(f"{path}: an experiment is a mapping with keys experiment and stages")
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
+    except yaml.MarkedYAMLError as e:  # what is wrong and where, not the parser's context line
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        raise ConfigError(f"{path}: {e.problem or _first_line(e)}{where}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: {_first_line(e)}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read it as a YAML text file ({e.__class__.__name__})") from None
     for key in ("experiment", "stages"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing top-level key '{key}'")
+    if not OmegaConf.is_dict(cfg.stages):
+        raise ConfigError(f"{path}: 'stages' must map stage names to stage configs")
+    for name in cfg.stages:
+        if not OmegaConf.is_dict(cfg.stages[name]):
+            raise ConfigError(f"{path}: stages.{name} must be a mapping with a 'kind'")
     unknown = set(cfg.keys()) - {"experiment", "run_dir", "stages", "seed", "vars"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
     if "run_dir" not in cfg:
         cfg.run_dir = f"runs/{cfg.experiment}"
+    cfg.run_dir = os.path.normpath(str(cfg.run_dir))  # ./runs/x and runs/x/ name the same stage folders
     for name in cfg.stages:
         cfg.stages[name].output = f"{cfg.run_dir}/{name}"
     return cfg
@@ -237,6 +264,11 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
             raise ConfigError(f"{where}: {_first_line(e)}") from None
         except FewstepError as e:
             raise ConfigError(f"stages.{name}: {e}") from None
+        later = [n for n in list(cfg.stages)[len(planned) + 1 :] if n != name]
+        named = [v for _, v in _named_strings(asdict(config))]
+        ahead = [n for n in later if _names_output(named, Path(str(cfg.stages[n].output)))]
+        if ahead:
+            raise ConfigError(f"stages.{name} reads stages.{ahead[0]}, which runs after it: put {ahead[0]} first")
         reads = _reads(config, planned)
         inputs = [p.hash for p in reads]
         files, missing = files_digest(asdict(config), [p.output for p in planned])
@@ -299,6 +331,15 @@ def stage_status(
     return "update" if incremental and same_inputs else "conflict"
 
 
+def outdated_reads(stage: PlannedStage, state: dict, states: dict[str, dict]) -> set[str]:
+    """The stages ``stage`` reads whose output was made again after it read them (their ``run_id`` is not the
+    one it recorded): a forced rerun cut short before reaching its readers leaves them to rerun next time."""
+    seen = state.get("read_runs")
+    if seen is None:  # recorded before read runs were
+        return set()
+    return {n for n in stage.reads if states.get(n, {}).get("run_id") != seen.get(n)}
+
+
 def _statuses(
     stages: list[PlannedStage], states: dict[str, dict], force: Sequence[str], registry: dict[str, StageKind]
 ) -> dict[str, str]:
@@ -306,8 +347,9 @@ def _statuses(
     statuses: dict[str, str] = {}
     will_run: set[str] = set()
     for s in stages:
+        rerun = will_run | outdated_reads(s, states[s.name], states)
         statuses[s.name] = stage_status(
-            s, states[s.name], forced=s.name in force, rerun=will_run, incremental=registry[s.kind].incremental
+            s, states[s.name], forced=s.name in force, rerun=rerun, incremental=registry[s.kind].incremental
         )
         if statuses[s.name] != "done":
             will_run.add(s.name)
@@ -367,18 +409,25 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     main = rank == 0
     accelerator = Accelerator()
     ran: set[str] = set()  # stages run in this invocation: the stages reading them run again too
+    outputs = {p.name: p.output for p in stages}
     for s in stages:
         state = _read_state(s.output)
-        status = stage_status(s, state, forced=s.name in force, rerun=ran, incremental=registry[s.kind].incremental)
+        reads = {n: _read_state(outputs[n]) for n in s.reads}
+        rerun = ran | outdated_reads(s, state, reads)
+        status = stage_status(s, state, forced=s.name in force, rerun=rerun, incremental=registry[s.kind].incremental)
+        read_runs = {n: reads[n].get("run_id") for n in s.reads}  # which outputs of its inputs this run reads
+        barrier()  # every process has read the stage's state before rank 0 may clear its folder
         if status == "done":
             log(f"[skip] {s.name}: done with the same config ({s.output})")
             continue
         if status == "conflict":  # appeared since the check above (another process)
             raise _conflict([s], {s.name: state})
         ran.add(s.name)
-        if status in ("force", "stale") and main and s.output.exists():
+        if status in ("force", "stale", "new") and main and s.output.exists():
             if status == "stale":
                 log(f"[rerun] {s.name}: an input changed (a stage it reads, a file it names or the shipped models)")
+            if status == "new":  # files but no stage.json: a clean-up cut short; never resume from them
+                log(f"[clear] {s.name}: {s.output} holds files but no stage.json; starting afresh")
             shutil.rmtree(s.output)
         if status == "update":
             log(f"[update] {s.name}: its config changed; finished work is kept, the rest runs")
@@ -388,7 +437,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
         # an update or a resume continues the work in place: its seconds add to those recorded before
         before = float(state.get("seconds", 0.0)) if status in ("update", "resume") else 0.0
         if main:
-            _write_state(s.output, s, "running", seconds=before)
+            _write_state(s.output, s, "running", seconds=before, read_runs=read_runs)
             (s.output / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(s.config)))
         barrier()
         kind = registry[s.kind]
@@ -396,6 +445,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
             kind(s.config, s.output, accelerator)
         barrier()
         if main:
-            _write_state(s.output, s, "done", seconds=round(before + time.time() - start, 1))
+            seconds = round(before + time.time() - start, 1)
+            _write_state(s.output, s, "done", seconds=seconds, read_runs=read_runs, run_id=uuid.uuid4().hex[:12])
         log(f"[done] {s.name} in {time.time() - start:.0f} s")
     return stages

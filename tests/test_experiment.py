@@ -1,12 +1,13 @@
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
 
-from baselines.errors import ConfigError
-from fewstep import experiment
+from baselines.errors import ConfigError, FewstepError
+from fewstep import cli, experiment
 
 
 def test_unknown_key_is_a_one_line_error_with_exit_2():
@@ -336,3 +337,94 @@ def test_an_incremental_stage_updates_in_place_when_its_config_changes(tmp_path,
     assert ran.read_text().split()[-2:] == ["s:0", "r"]  # forced: a fresh folder
     with pytest.raises(ConfigError, match="--force r"):
         run("stages.s.value=2", "stages.r.value=1")
+
+
+@dataclass
+class _Failing(_Counted):
+    fail: bool = False
+
+
+def _run_failing(cfg: _Failing, out: Path) -> None:
+    if cfg.fail and os.environ.get("FEWSTEP_TEST_FAIL") == "1":
+        raise FewstepError("stopped on purpose")
+    _run_counted(cfg, out)
+
+
+def test_a_forced_rerun_cut_short_still_reruns_its_readers_next_time(tmp_path, monkeypatch):
+    """``--force a`` with a's config unchanged keeps a's hash; when the run stops (here: ``mid`` fails) before
+    ``b``, which reads ``a``, reruns, the next invocation must still see b as stale: b recorded which run of a it
+    read."""
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Failing, _run_failing)})
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "experiment: t\nstages:\n"
+        "  a: {kind: counted}\n"
+        "  mid: {kind: counted, fail: true}\n"
+        "  b: {kind: counted, reads: '${stages.a.output}/model'}\n"
+    )
+    ran = tmp_path / "runs" / "ran.txt"
+
+    def run(force=()):
+        experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), force=list(force), log=print)
+
+    run()
+    monkeypatch.setenv("FEWSTEP_TEST_FAIL", "1")
+    with pytest.raises(FewstepError, match="on purpose"):
+        run(force=["a", "mid"])
+    assert ran.read_text().split() == ["a", "mid", "b", "a"]
+    monkeypatch.setenv("FEWSTEP_TEST_FAIL", "0")
+    run()  # before: [skip] b, done on the a it no longer matches
+    assert ran.read_text().split() == ["a", "mid", "b", "a", "mid", "b"]
+    run()
+    assert ran.read_text().split() == ["a", "mid", "b", "a", "mid", "b"]
+
+
+def test_run_dir_spelling_does_not_hide_what_a_stage_reads(tmp_path):
+    for run_dir in ("./runs/q/", "runs//q", "runs/q"):
+        stages = experiment.plan(experiment.load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}"]))
+        reads = {s.name: s.reads for s in stages}
+        assert reads["teacher"] == ("vae", "clip"), run_dir  # before: () for ./runs/q/, so nothing reran
+        assert all(str(s.output).startswith("runs/q/") for s in stages)
+
+
+def test_a_stage_naming_a_later_stage_is_a_config_error(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "experiment: t\nstages:\n"
+        "  edit: {kind: sdedit, model: '${stages.teacher.output}/model'}\n"
+        "  teacher: {kind: load_teacher, model: shapes}\n"
+    )
+    with pytest.raises(ConfigError, match="stages.edit reads stages.teacher, which runs after it"):
+        experiment.plan(experiment.load_config(path))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("experiment: t\nstages: {a: {kind: counted}\n", "did not find expected ',' or '}' (line 3)"),
+        ("experiment: t\nexperiment: u\nstages: {}\n", "found duplicate key experiment (line 2)"),
+        ("experiment: t\nstages: [a]\n", "'stages' must map stage names"),
+        ("experiment: t\nstages: {a: 1}\n", "stages.a must be a mapping"),
+        ("- a\n- b\n", "an experiment is a mapping"),
+        (b"experiment: \xff\xfe\n", "cannot read it as a YAML text file"),
+    ],
+)
+def test_a_malformed_experiment_file_is_a_one_line_error(tmp_path, capsys, text, message):
+    path = tmp_path / "exp.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert cli.main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_stage_folder_without_its_state_file_is_cleared_not_resumed(tmp_path, monkeypatch):
+    """Files but no stage.json (a clean-up killed half way): the stage starts afresh rather than resuming
+    checkpoints made under another config."""
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Counted, _run_counted)})
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: t\nstages:\n  a: {kind: counted}\n")
+    leftover = tmp_path / "runs" / "a" / "train" / "checkpoints" / "step-5"
+    leftover.mkdir(parents=True)
+    lines = []
+    experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lines.append)
+    assert not leftover.exists() and any(line.startswith("[clear] a") for line in lines)
