@@ -239,10 +239,17 @@ class CaptionFolderDataset(torch.utils.data.Dataset):
         meta = Path(self.root) / "metadata.jsonl"
         if not meta.is_file():
             raise FewstepError(f"{meta} not found: a caption folder needs metadata.jsonl with file_name and text")
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-        for i, row in enumerate(rows):
-            if "file_name" not in row or "text" not in row:
+        rows = []
+        for i, line in enumerate(meta.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FewstepError(f"{meta} line {i + 1} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
                 raise FewstepError(f"{meta} line {i + 1} needs both 'file_name' and 'text'")
+            rows.append(row)
         if not rows:
             raise FewstepError(f"{meta} lists no images")
         object.__setattr__(self, "rows", rows)

@@ -381,7 +381,15 @@ def read_info(name_or_path: str | os.PathLike) -> dict:
     """The ``fewstep.json`` of a pipeline folder ({} for outside models that have none)."""
     location = Path(resolve_model(name_or_path))
     path = location / INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FewstepError(f"{path} is not valid JSON ({e.__class__.__name__}): a damaged fewstep.json") from None
+    if not isinstance(info, dict):
+        raise FewstepError(f"{path} must hold a JSON object, not a {type(info).__name__}")
+    return info
 
 
 def load_clip(name_or_path: str | os.PathLike) -> tuple[CLIPModel, CLIPTokenizer]:

@@ -113,7 +113,7 @@ def load_entry_pipeline(entry: AttributeEntry, device: torch.device | str = "cpu
     """The entry's pipeline on ``device``, with its textual-inversion embeddings loaded when given."""
     pipe = models.load_pipeline(entry.model, device=device)
     if entry.embeddings:
-        pipe.load_textual_inversion(entry.embeddings)
+        pipe.load_textual_inversion(entry.embeddings, use_safetensors=True)
     return pipe
 
 

@@ -98,11 +98,32 @@ def _inputs_digest(paths: list[str | None]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _model_identity(model: str) -> str:
+    """What the model is, cheaply: the shipped models' identity for ``shapes``; for a folder, the names, sizes
+    and modification times of its files (a model retrained in place is another model); a hub id as is."""
+    import hashlib
+    from pathlib import Path
+
+    from baselines import models
+
+    if model == "shapes":
+        return models.shipped_identity()
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            stat = f.stat()
+            digest.update(f"{f.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _resumable(verb: str, args, run):
     """Run ``run()``, whose ``--out`` holds checkpoints it resumes from. The folder records the command's
-    arguments and its inputs' digest: a rerun with the same ones resumes, and a folder holding another run
-    (another prompt, image or setting) is a one-line error rather than a silent resume of that run's
-    checkpoints."""
+    arguments, its inputs' digest and the model's identity: a rerun with the same ones resumes, and a folder
+    holding another run (another prompt, image, setting or model) is a one-line error rather than a silent
+    resume of that run's checkpoints."""
     import json
     import shutil
     from pathlib import Path
@@ -111,6 +132,7 @@ def _resumable(verb: str, args, run):
     skip = ("func", "device", "out")
     record = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     record["inputs"] = _inputs_digest([getattr(args, k, None) for k in ("image", "mask", "images")])
+    record["model_identity"] = _model_identity(args.model)
     record = json.loads(json.dumps({"verb": verb, **record}))
     path = out / RUN_RECORD
     if path.is_file():

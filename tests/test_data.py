@@ -77,3 +77,6 @@ def test_bad_images_are_one_line_errors(tmp_path):
         data.load_image(tmp_path / "missing.png", 16)
     with pytest.raises(FewstepError, match="metadata.jsonl"):
         data.CaptionFolderDataset(root=str(tmp_path))
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": "b.png",\n')
+    with pytest.raises(FewstepError, match="metadata.jsonl line 2 is not JSON"):  # was a JSONDecodeError traceback
+        data.CaptionFolderDataset(root=str(tmp_path))

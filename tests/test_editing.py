@@ -3,6 +3,7 @@ the one-line errors and the CLI."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -652,6 +653,14 @@ def test_cli_trains_textual_inversion_from_an_image_folder_and_rejects_a_missing
     err = capsys.readouterr().err.strip()
     assert code == 1 and "is not a folder of images" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "db").exists()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    common_args[-1] = str(tmp_path / "ti2")
+    assert cli.main(["train", "textual-inversion", str(model), "--images", str(images), *common_args]) == 0
+    info = model / "fewstep.json"
+    info.write_text(info.read_text().replace('"test"', '"retrained"'))  # the model changed in place
+    assert cli.main(["train", "textual-inversion", str(model), "--images", str(images), *common_args]) == 2
+    assert "holds a run with other arguments (model_identity:" in capsys.readouterr().err
     (images / "0.png").unlink()  # the concept images changed: not a resume of the first run
     common_args[-1] = str(out)
     assert cli.main(["train", "textual-inversion", str(tiny_folder), "--images", str(images), *common_args]) == 2

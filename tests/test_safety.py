@@ -20,10 +20,10 @@ def test_nothing_trusts_remote_code():
         assert "trust_remote_code" not in path.read_text(), path
 
 
-def _from_pretrained_calls(path):
-    """(class name, use_safetensors keyword value or None, line) of every ``X.from_pretrained(...)`` in a file."""
+def _from_pretrained_calls(path, method="from_pretrained"):
+    """(owner name, use_safetensors keyword value or None, line) of every ``X.<method>(...)`` in a file."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method:
             owner = node.func.value
             name = owner.id if isinstance(owner, ast.Name) else ast.unparse(owner)
             flag = next((k.value for k in node.keywords if k.arg == "use_safetensors"), None)
@@ -41,6 +41,12 @@ def test_every_weight_loader_reads_safetensors_only():
             loaders.append(name)
             assert flag is True, f"{path}:{line}: {name}.from_pretrained without use_safetensors=True"
     assert {"StableDiffusionPipeline", "AutoencoderKL", "CLIPModel", "UNet2DConditionModel"} <= set(loaders)
+    embeddings = [
+        (path, flag, line)
+        for path in SOURCES
+        for _, flag, line in _from_pretrained_calls(path, "load_textual_inversion")
+    ]
+    assert embeddings and all(flag is True for _, flag, _ in embeddings), embeddings  # a user .bin is never unpickled
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "unet"])
@@ -85,3 +91,14 @@ def test_a_damaged_tokenizer_or_clip_is_a_one_line_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(FewstepError, match="cannot load CLIP"):
         models.load_clip(clip_folder)
+
+
+@pytest.mark.parametrize("text, message", [("{broken", "is not valid JSON"), ("[]", "must hold a JSON object")])
+def test_a_damaged_fewstep_json_is_a_one_line_error(tmp_path, text, message):
+    from baselines import models
+    from baselines.errors import FewstepError
+
+    folder = models.save_pipeline(models.build_pipeline("tiny", seed=0), tmp_path / "m", {"method": "test"})
+    (folder / models.INFO_FILE).write_text(text)
+    with pytest.raises(FewstepError, match=message):
+        models.read_info(folder)
