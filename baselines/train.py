@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from baselines.errors import ConfigError
+from baselines.errors import ConfigError, FewstepError
 
 
 @dataclass
@@ -204,6 +204,8 @@ def train(
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    if rank == 0 and start == 0:  # a fresh start (or resume: never) begins a fresh log: read_log keeps one row
+        (out_dir / "log.jsonl").unlink(missing_ok=True)  # per step, and an earlier run's later steps would stay
     log = (out_dir / "log.jsonl").open("a") if rank == 0 else None
     if log:
         log.write(json.dumps({"event": "resume" if start else "start", "step": start, "world_size": world}) + "\n")
@@ -224,17 +226,25 @@ def train(
                 value = loss(batch, _generator(config, step, micro, rank)) / config.grad_accum
             value.backward()
             total += value.item()
+        bad_loss = float(not math.isfinite(total))
         if world > 1:  # average the gradients; a parameter no rank used keeps no gradient, as in one process
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
             used = torch.tensor([float(p.grad is not None) for p in params.values()], device=grads[0].device)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [used.to(grads[0].dtype)])
-            dist.all_reduce(flat)
-            used = flat[len(flat) - len(used) :] > 0
-            flat = flat[: len(flat) - len(used)] / world
+            flags = torch.cat([used, torch.tensor([bad_loss], device=used.device)]).to(grads[0].dtype)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
+            dist.all_reduce(flat)  # the non-finite-loss flag too, so every rank stops together
+            bad_loss = float(flat[-1].item())
+            used = flat[len(flat) - len(flags) : -1] > 0
+            flat = flat[: len(flat) - len(flags)] / world
             offset = 0
             for p, g, u in zip(params.values(), grads, used.tolist()):
                 p.grad = flat[offset : offset + g.numel()].view_as(p).clone() if u else None
                 offset += g.numel()
+        if bad_loss or not all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None):
+            raise FewstepError(
+                f"step {step + 1}: the loss or a gradient is not finite (loss {total:.4g}); nothing was updated "
+                f"(lower train.lr, or check the data and parametrisation); a rerun resumes from the last checkpoint"
+            )
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_grad).item()
             if config.clip_grad

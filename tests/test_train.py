@@ -68,19 +68,43 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
 
 
 def test_ema_weights_are_returned(tmp_path):
+    """The returned weights are the EMA of the raw trajectory, ema <- d ema + (1 - d) w after each step from the
+    initial weights, at d = 0.8 (at 0.5 the two arguments of the lerp are interchangeable)."""
+    raw = []
+    for k in (1, 2, 3):  # constant LR: a k-step run's weights are the first k steps of a longer one
+        model = _toy()
+        _fit(model, tmp_path / f"raw{k}", _cfg(steps=k))
+        raw.append([p.detach().clone() for p in model.parameters()])
     model = _toy()
-    init = [p.detach().clone() for p in model.parameters()]
-    raw = _toy()
-    _fit(raw, tmp_path / "raw", _cfg(steps=3))
-    train(
-        loss=_loss_for(model),
-        modules={"m": model},
-        batches=_batches,
-        config=_cfg(steps=3, ema_decay=0.5),
-        out_dir=tmp_path / "e",
-    )
-    for p, q, p0 in zip(model.parameters(), raw.parameters(), init):
-        assert not torch.allclose(p, q) and not torch.allclose(p, p0)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for weights in raw:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights)]
+    _fit(model, tmp_path / "ema", _cfg(steps=3, ema_decay=0.8))
+    for p, e, w in zip(model.parameters(), expected, raw[-1]):
+        torch.testing.assert_close(p.detach(), e)
+        assert not torch.allclose(p, w)
+
+
+def test_a_non_finite_loss_stops_training_with_one_line(tmp_path):
+    from baselines.errors import FewstepError
+
+    model = _toy()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def loss(batch, generator):
+        return model(batch["x"]).sum() * float("nan")
+
+    with pytest.raises(FewstepError, match="step 1: the loss or a gradient is not finite"):
+        train(loss=loss, modules={"m": model}, batches=_batches, config=_cfg(), out_dir=tmp_path)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing was updated
+
+
+def test_resume_never_starts_a_fresh_log(tmp_path):
+    """An 8-step run, then a 4-step one with resume: never in the same folder: the log (and the loss summary
+    written into fewstep.json) is the new run's, not its 4 steps plus the old run's steps 5-8."""
+    _fit(_toy(), tmp_path, _cfg(steps=8))
+    _fit(_toy(), tmp_path, _cfg(steps=4, resume="never"))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_frozen_parameters_stay_frozen(tmp_path):
