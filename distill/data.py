@@ -9,7 +9,8 @@ samples standing in for data so that distilling a Stable Diffusion folder needs 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,18 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
     a torchrun launch draws its share (one seed per sample, so the pool is the one process's), rank 0 writes it,
     every process reads the cache."""
     tensors, meta = cache / "pool.safetensors", cache / "pool.json"
-    if not tensors.is_file():
+    made_with = {**asdict(cfg), "guidance_range": [float(g) for g in guidance_range]}
+    made_with.pop("batch_size")  # how it is generated, not what
+    if tensors.is_file() and meta.is_file() and json.loads(meta.read_text()).get("made_with", made_with) != made_with:
+        if is_main_process():
+            print(f"{cache}: the pool was made with another pool config or guidance range; making it again")
+            shutil.rmtree(cache)
+        barrier()
+    if not (tensors.is_file() and meta.is_file()):
         prompts = read_prompts(cfg.prompts, cfg.size, seed=cfg.seed)
         scales = pool_scales(guidance_range, cfg.scales)
+        if len(scales) > cfg.size:
+            raise ConfigError(f"pool.scales ({len(scales)}) must be <= pool.size ({cfg.size}): one sample per scale")
         item_scale = [scales[i % len(scales)] for i in range(cfg.size)]
         chunks = {}
         for s in scales:
@@ -98,11 +108,17 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
                     for i in range(0, cfg.size, cfg.batch_size)  # off the GPU chunk by chunk: a large pool's states
                 ]
             )
-            cache.mkdir(parents=True, exist_ok=True)
-            save_file({"x0": x0.contiguous(), "text": text.contiguous()}, tensors)  # both float32
-            meta.write_text(json.dumps({"prompts": prompts, "guidance_scale": item_scale}))
+            partial = cache.with_name(cache.name + ".partial")  # written whole, then renamed: never half a pool
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            save_file({"x0": x0.contiguous(), "text": text.contiguous()}, partial / tensors.name)  # both float32
+            info = {"prompts": prompts, "guidance_scale": item_scale, "made_with": made_with}
+            (partial / meta.name).write_text(json.dumps(info))
+            shutil.rmtree(cache, ignore_errors=True)
+            partial.rename(cache)
     barrier()
-    return {**load_file(tensors), **json.loads(meta.read_text())}
+    info = json.loads(meta.read_text())
+    return {**load_file(tensors), "prompts": info["prompts"], "guidance_scale": info["guidance_scale"]}
 
 
 def pool_batches(pool: dict, batch_size: int):

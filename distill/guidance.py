@@ -38,11 +38,16 @@ class GuidanceStage:
     recommended_guidance_scale: float | None = None  # default: the teacher's, within guidance_range
     pool: PoolConfig = field(default_factory=PoolConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000, lr=1e-4, checkpoint_every=100))
-    seed: int = 0
+    seed: int = 0  # unused (kept, at 0, so existing runs keep their hashes)
 
     def __post_init__(self):
         if len(self.guidance_range) != 2 or not 1 <= self.guidance_range[0] <= self.guidance_range[1]:
             raise ConfigError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi, got {self.guidance_range}")
+        if self.seed != 0:
+            raise ConfigError(
+                "guidance.seed does nothing (the student starts as the teacher, its new projection at"
+                " zero): set pool.seed (the teacher's samples) or train.seed (training noise)"
+            )
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ConfigError(f"embedding_dim must be even and >= 2, got {self.embedding_dim}")
         if self.recommended_steps is not None and self.recommended_steps < 1:
@@ -66,7 +71,7 @@ def run_guidance(cfg: GuidanceStage, out: Path, accelerator=None) -> None:
     uncond = encode_text(teacher_pipe.tokenizer, teacher_pipe.text_encoder, [""])
     scheduler = teacher_pipe.scheduler
     teacher = students.denoiser_of(teacher_pipe.unet, scheduler).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the global stream, as before (nothing drawn from it shapes the student)
     student = students.denoiser_of(
         students.guidance_conditioned_unet(teacher_pipe.unet, cfg.embedding_dim).requires_grad_(True), scheduler
     )

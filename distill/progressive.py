@@ -57,8 +57,10 @@ class ProgressiveStage:
             raise ConfigError(
                 f"start_steps / end_steps must be a power of two >= 2, got {self.start_steps} / {self.end_steps}"
             )
-        if self.guidance_range is not None and (len(self.guidance_range) != 2 or self.guidance_range[0] < 1):
-            raise ConfigError(f"guidance_range must be [lo, hi] with lo >= 1, got {self.guidance_range}")
+        if self.guidance_range is not None and (
+            len(self.guidance_range) != 2 or not 1 <= self.guidance_range[0] <= self.guidance_range[1]
+        ):
+            raise ConfigError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi, got {self.guidance_range}")
 
 
 def round_steps(start_steps: int, end_steps: int) -> list[int]:
@@ -92,12 +94,27 @@ def two_step_target(predict_x0, z: Tensor, ts: Tensor, alpha_sigma) -> Tensor:
 
 def _guidance_setup(cfg: ProgressiveStage, teacher_unet, info: dict) -> tuple[tuple[float, float], dict]:
     if is_guidance_conditioned(teacher_unet):
-        known = cfg.guidance_range or info.get("guidance", {}).get("range")
+        if cfg.guidance_scale is not None:
+            raise ConfigError(
+                f"guidance_scale is for a CFG teacher; {cfg.teacher} is guidance-conditioned: give guidance_range"
+            )
+        trained = info.get("guidance", {}).get("range")
+        asked = cfg.guidance_range
+        if asked and trained and not trained[0] <= asked[0] <= asked[1] <= trained[1]:
+            raise ConfigError(
+                f"guidance_range {list(cfg.guidance_range)} reaches outside {trained}, the range {cfg.teacher} was "
+                "distilled on: it was never trained there"
+            )
+        known = cfg.guidance_range or trained
         if not known:
             raise ConfigError(f"teacher {cfg.teacher} is guidance-conditioned: give guidance_range [lo, hi]")
         lo, hi = known
         rec = info.get("recommended", {}).get("guidance_scale", (lo + hi) / 2)
         return (float(lo), float(hi)), {"conditioned": True, "range": [lo, hi], "recommended": rec}
+    if cfg.guidance_range is not None:
+        raise ConfigError(
+            f"guidance_range is for a guidance-conditioned teacher; {cfg.teacher} is a CFG teacher: give guidance_scale"
+        )
     s = cfg.guidance_scale if cfg.guidance_scale is not None else recommended_guidance_scale(info)
     return (float(s), float(s)), {"conditioned": False, "distilled_scale": float(s), "recommended": 1.0}
 

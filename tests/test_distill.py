@@ -11,6 +11,7 @@ from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from baselines import diffusion as D
 from baselines import models
+from baselines.errors import ConfigError
 from baselines.guidance import encode_text
 from baselines.train import TrainConfig
 from distill import student as students
@@ -315,3 +316,44 @@ def test_bad_progressive_configs_are_one_line_errors(bad):
 
     with pytest.raises(ConfigError):
         ProgressiveStage(teacher="x", **bad)
+
+
+def test_the_teacher_pool_is_reused_only_for_its_own_config(pipes, tmp_path, monkeypatch):
+    """Written whole then renamed; read again for the same pool config and guidance range; made again (not
+    silently reused) for another; more scales than samples is a one-line error."""
+    from distill import data as pool_data
+
+    pipe = pipes["v"]
+    cfg = PoolConfig(size=4, steps=1, batch_size=4, scales=2)
+    first = pool_data.teacher_pool(pipe, cfg, guidance_range=(1.0, 3.0), cache=tmp_path / "pool")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool"]  # no partial folder left
+    assert first["guidance_scale"] == [1.0, 3.0, 1.0, 3.0] and first["x0"].shape[0] == 4
+    monkeypatch.setattr(pool_data, "generate_split", lambda *a, **k: pytest.fail("an equal pool was made again"))
+    again = pool_data.teacher_pool(pipe, cfg, guidance_range=(1.0, 3.0), cache=tmp_path / "pool")
+    assert torch.equal(again["x0"], first["x0"]) and again["prompts"] == first["prompts"]
+    monkeypatch.undo()
+    other = pool_data.teacher_pool(pipe, cfg, guidance_range=(2.0, 4.0), cache=tmp_path / "pool")
+    assert other["guidance_scale"] == [2.0, 4.0, 2.0, 4.0]
+    with pytest.raises(ConfigError, match=r"pool.scales \(3\) must be <= pool.size \(2\)"):
+        pool_data.teacher_pool(pipe, PoolConfig(size=2, scales=3), guidance_range=(1.0, 3.0), cache=tmp_path / "p2")
+
+
+def test_progressive_options_the_teacher_would_ignore_are_errors(pipes, tmp_path):
+    """A CFG teacher is distilled at one guidance_scale, a guidance-conditioned one over a guidance_range inside
+    the range it was distilled on: the other option was silently ignored, a wider range silently accepted."""
+    from distill.student import guidance_conditioned_unet
+
+    cfg_teacher = models.save_pipeline(pipes["v"], tmp_path / "cfg", {"method": "teacher"})
+    conditioned = models.build_pipeline("tiny", seed=0)
+    conditioned.unet = guidance_conditioned_unet(conditioned.unet, 8)
+    w_teacher = models.save_pipeline(conditioned, tmp_path / "w", {"method": "guidance", "guidance": {"range": [1, 4]}})
+    for teacher, extra, message in [
+        (cfg_teacher, {"guidance_range": [1.0, 2.0]}, "guidance_range is for a guidance-conditioned teacher"),
+        (w_teacher, {"guidance_scale": 2.0}, "guidance_scale is for a CFG teacher"),
+        (w_teacher, {"guidance_range": [1.0, 8.0]}, r"reaches outside \[1, 4\]"),
+    ]:
+        stage = ProgressiveStage(teacher=str(teacher), start_steps=2, end_steps=1, **extra)
+        with pytest.raises(ConfigError, match=message):
+            run_progressive(stage, tmp_path / "out")
+    with pytest.raises(ConfigError, match="guidance.seed does nothing"):
+        GuidanceStage(teacher="x", seed=1)
