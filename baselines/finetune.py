@@ -48,6 +48,8 @@ def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None)
     for the VAE when ``vae`` swaps one in)."""
     if not 0 <= cfg.cond_dropout < 1:
         raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+    if cfg.cache_images < 1:
+        raise ConfigError(f"cache_images must be >= 1, got {cfg.cache_images}")
     pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     if cfg.vae is not None:
         vae = models.load_vae(cfg.vae)

@@ -297,8 +297,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         if not (folder / "model_index.json").is_file():
             raise FewstepError(f"{folder} is not a pipeline folder: model_index.json is missing")
         return str(folder)
-    if name.count("/") == 1 and not name.startswith((".", "/")):
+    owner = name.split("/")[0]
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not Path(owner).is_dir():
         return name  # a hub id; loading it needs a reachable hub or a warm cache
+    if Path(owner).is_dir():
+        raise FewstepError(f"{name}: no such pipeline folder (a path under {owner}/, not a hub id)")
     raise FewstepError(f"model {name!r} is neither 'shapes', a pipeline folder, nor a hub id (owner/name)")
 
 

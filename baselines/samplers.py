@@ -157,6 +157,8 @@ def generate(
     change image i. With ``latents``, the final (scaled) latents instead, without VAE decoding."""
     if len(prompts) != len(seeds):
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
+    if batch_size < 1:
+        raise FewstepError(f"batch size must be >= 1, got {batch_size}")
     pipe.set_progress_bar_config(disable=True)
     negatives = (
         [negative_prompt] * len(prompts)

@@ -43,6 +43,10 @@ class TrainVAEStage:
     scale_images: int = 2048
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50))
 
+    def __post_init__(self):
+        if self.scale_images < 1:
+            raise ConfigError(f"scale_images must be >= 1 (latents to measure the scale on), got {self.scale_images}")
+
 
 @dataclass
 class TrainCLIPStage:
@@ -84,6 +88,12 @@ class TrainTeacherStage:
             steps=5000, batch_size=64, lr=5e-4, warmup_steps=200, lr_schedule="cosine", ema_decay=0.999
         )
     )
+
+    def __post_init__(self):
+        if self.cache_images < 1 or not 0 <= self.cond_dropout < 1:
+            raise ConfigError(
+                f"cache_images must be >= 1 and cond_dropout in [0, 1), got {self.cache_images}, {self.cond_dropout}"
+            )
 
 
 @dataclass

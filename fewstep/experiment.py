@@ -238,6 +238,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
         cfg.run_dir = f"runs/{cfg.experiment}"
     cfg.run_dir = os.path.normpath(str(cfg.run_dir))  # ./runs/x and runs/x/ name the same stage folders
     for name in cfg.stages:
+        if "output" in cfg.stages[name]:
+            raise ConfigError(f"stages.{name}.output is set by the runner ({cfg.run_dir}/{name}): set run_dir instead")
         cfg.stages[name].output = f"{cfg.run_dir}/{name}"
     return cfg
 
@@ -290,7 +292,12 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
 
 def _read_state(output: Path) -> dict:
     path = output / "stage.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is damaged: --force {output.name} (or delete {output}) to run it again") from None
 
 
 def _write_state(output: Path, stage: PlannedStage, status: str, **extra) -> None:

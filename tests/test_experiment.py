@@ -428,3 +428,16 @@ def test_a_stage_folder_without_its_state_file_is_cleared_not_resumed(tmp_path, 
     lines = []
     experiment.run(experiment.load_config(path, [f"run_dir={tmp_path / 'runs'}"]), log=lines.append)
     assert not leftover.exists() and any(line.startswith("[clear] a") for line in lines)
+
+
+def test_a_damaged_stage_state_or_a_set_output_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "_registry", lambda: {"counted": experiment.StageKind(_Counted, _run_counted)})
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: t\nstages:\n  a: {kind: counted}\n")
+    overrides = [f"run_dir={tmp_path / 'runs'}"]
+    experiment.run(experiment.load_config(path, overrides), log=print)
+    (tmp_path / "runs" / "a" / "stage.json").write_text("{torn")
+    with pytest.raises(ConfigError, match=r"stage.json is damaged: --force a"):
+        experiment.run(experiment.load_config(path, overrides), dry_run=True, log=print)
+    with pytest.raises(ConfigError, match="stages.a.output is set by the runner"):
+        experiment.load_config(path, [*overrides, "stages.a.output=elsewhere"])  # it was silently replaced
