@@ -231,7 +231,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     for name in cfg.stages:
         if not OmegaConf.is_dict(cfg.stages[name]):
             raise ConfigError(f"{path}: stages.{name} must be a mapping with a 'kind'")
-    unknown = set(cfg.keys()) - {"experiment", "run_dir", "stages", "seed", "vars"}
+    if "seed" in cfg:  # accepted once and used by nothing: each stage seeds itself
+        raise ConfigError(
+            f"{path}: a top-level seed is not used; set the stages' seeds (or vars.seed and ${{vars.seed}} in them)"
+        )
+    unknown = set(cfg.keys()) - {"experiment", "run_dir", "stages", "vars"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
     if "run_dir" not in cfg:

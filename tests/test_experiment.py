@@ -407,6 +407,7 @@ def test_a_stage_naming_a_later_stage_is_a_config_error(tmp_path):
         ("experiment: t\nstages: {a: 1}\n", "stages.a must be a mapping"),
         ("- a\n- b\n", "an experiment is a mapping"),
         (b"experiment: \xff\xfe\n", "cannot read it as a YAML text file"),
+        ("experiment: t\nseed: 1\nstages: {}\n", "a top-level seed is not used"),
     ],
 )
 def test_a_malformed_experiment_file_is_a_one_line_error(tmp_path, capsys, text, message):
