@@ -297,11 +297,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         if not (folder / "model_index.json").is_file():
             raise FewstepError(f"{folder} is not a pipeline folder: model_index.json is missing")
         return str(folder)
-    owner = name.split("/")[0]
-    if name.count("/") == 1 and not name.startswith((".", "/")) and not Path(owner).is_dir():
+    if name.count("/") == 1 and not name.startswith((".", "/")):
         return name  # a hub id; loading it needs a reachable hub or a warm cache
-    if Path(owner).is_dir():
-        raise FewstepError(f"{name}: no such pipeline folder (a path under {owner}/, not a hub id)")
     raise FewstepError(f"model {name!r} is neither 'shapes', a pipeline folder, nor a hub id (owner/name)")
 
 
@@ -351,6 +348,8 @@ def _load_component(location: str, component: str):
             location, subfolder=component, dtype=torch.float32, use_safetensors=True, output_loading_info=True
         )
     except Exception as e:  # loaders raise OSError, ValueError, safetensors and meta-tensor errors for bad files
+        if not Path(location).is_dir() and Path(location.split("/")[0]).is_dir():  # a mistyped local path?
+            raise FewstepError(f"{location}: no such local folder, and as a hub id: {_first_line(e)}") from None
         raise FewstepError(f"cannot load {location}/{component}: {_first_line(e)}") from None
     check_loaded(f"{location}/{component}", info)
     return model

@@ -240,10 +240,12 @@ def train(
             for p, g, u in zip(params.values(), grads, used.tolist()):
                 p.grad = flat[offset : offset + g.numel()].view_as(p).clone() if u else None
                 offset += g.numel()
-        if bad_loss or not all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None):
+        present = [p.grad for p in params.values() if p.grad is not None]
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in present]).all()) if present else True  # one sync
+        if bad_loss or not finite:
             raise FewstepError(
-                f"step {step + 1}: the loss or a gradient is not finite (loss {total:.4g}); nothing was updated "
-                f"(lower train.lr, or check the data and parametrisation); a rerun resumes from the last checkpoint"
+                f"step {step + 1}: the loss or a gradient is not finite (loss {total:.4g}); nothing was updated: "
+                "check the data and parametrisation, or lower train.lr and rerun with --force STAGE"
             )
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip_grad).item()

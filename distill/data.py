@@ -69,7 +69,10 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
     tensors, meta = cache / "pool.safetensors", cache / "pool.json"
     made_with = {**asdict(cfg), "guidance_range": [float(g) for g in guidance_range]}
     made_with.pop("batch_size")  # how it is generated, not what
-    if tensors.is_file() and meta.is_file() and json.loads(meta.read_text()).get("made_with", made_with) != made_with:
+    found = tensors.is_file() and meta.is_file()
+    stale = found and json.loads(meta.read_text()).get("made_with", made_with) != made_with
+    barrier()  # every process has looked before rank 0 may remove it
+    if stale:
         if is_main_process():
             print(f"{cache}: the pool was made with another pool config or guidance range; making it again")
             shutil.rmtree(cache)

@@ -240,7 +240,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}'")
     if "run_dir" not in cfg:
         cfg.run_dir = f"runs/{cfg.experiment}"
-    cfg.run_dir = os.path.normpath(str(cfg.run_dir))  # ./runs/x and runs/x/ name the same stage folders
     for name in cfg.stages:
         if "output" in cfg.stages[name]:
             raise ConfigError(f"stages.{name}.output is set by the runner ({cfg.run_dir}/{name}): set run_dir instead")
@@ -294,13 +293,16 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
     return planned
 
 
-def _read_state(output: Path) -> dict:
+def _read_state(output: Path, *, forced: bool = False) -> dict:
+    """A stage folder's stage.json ({} when absent, or damaged in a stage about to be forced afresh)."""
     path = output / "stage.json"
     if not path.is_file():
         return {}
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
+        if forced:
+            return {}
         raise ConfigError(f"{path} is damaged: --force {output.name} (or delete {output}) to run it again") from None
 
 
@@ -345,9 +347,9 @@ def stage_status(
 def outdated_reads(stage: PlannedStage, state: dict, states: dict[str, dict]) -> set[str]:
     """The stages ``stage`` reads whose output was made again after it read them (their ``run_id`` is not the
     one it recorded): a forced rerun cut short before reaching its readers leaves them to rerun next time."""
-    seen = state.get("read_runs")
-    if seen is None:  # recorded before read runs were
+    if not state:
         return set()
+    seen = state.get("read_runs") or {}  # none recorded (an older run): any input with a run id was made since
     return {n for n in stage.reads if states.get(n, {}).get("run_id") != seen.get(n)}
 
 
@@ -391,7 +393,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     if unknown:
         raise ConfigError(f"--force {sorted(unknown)[0]}: no such stage (stages: {[s.name for s in stages]})")
     registry = _registry()
-    states = {s.name: _read_state(s.output) for s in stages}
+    states = {s.name: _read_state(s.output, forced=s.name in force) for s in stages}
     statuses = _statuses(stages, states, force, registry)
     if dry_run:
         for s in stages:
@@ -422,7 +424,7 @@ def run(cfg: DictConfig, *, dry_run: bool = False, force: list[str] = (), log=pr
     ran: set[str] = set()  # stages run in this invocation: the stages reading them run again too
     outputs = {p.name: p.output for p in stages}
     for s in stages:
-        state = _read_state(s.output)
+        state = _read_state(s.output, forced=s.name in force)
         reads = {n: _read_state(outputs[n]) for n in s.reads}
         rerun = ran | outdated_reads(s, state, reads)
         status = stage_status(s, state, forced=s.name in force, rerun=rerun, incremental=registry[s.kind].incremental)

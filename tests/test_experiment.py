@@ -377,6 +377,18 @@ def test_a_forced_rerun_cut_short_still_reruns_its_readers_next_time(tmp_path, m
     assert ran.read_text().split() == ["a", "mid", "b", "a", "mid", "b"]
     run()
     assert ran.read_text().split() == ["a", "mid", "b", "a", "mid", "b"]
+    for name in ("a", "mid", "b"):  # stage.json as written before read runs were recorded
+        state_file = tmp_path / "runs" / name / "stage.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({k: v for k, v in state.items() if k not in ("run_id", "read_runs")}))
+    run()
+    assert ran.read_text().split() == ["a", "mid", "b", "a", "mid", "b"]  # old runs stay done
+    monkeypatch.setenv("FEWSTEP_TEST_FAIL", "1")
+    with pytest.raises(FewstepError, match="on purpose"):
+        run(force=["a", "mid"])
+    monkeypatch.setenv("FEWSTEP_TEST_FAIL", "0")
+    run()  # b, recorded by the older code, reads an a made since
+    assert ran.read_text().split()[-3:] == ["a", "mid", "b"]
 
 
 def test_run_dir_spelling_does_not_hide_what_a_stage_reads(tmp_path):
@@ -440,5 +452,7 @@ def test_a_damaged_stage_state_or_a_set_output_is_a_one_line_error(tmp_path, mon
     (tmp_path / "runs" / "a" / "stage.json").write_text("{torn")
     with pytest.raises(ConfigError, match=r"stage.json is damaged: --force a"):
         experiment.run(experiment.load_config(path, overrides), dry_run=True, log=print)
+    experiment.run(experiment.load_config(path, overrides), force=["a"], log=print)  # what the message advises
+    assert json.loads((tmp_path / "runs" / "a" / "stage.json").read_text())["status"] == "done"
     with pytest.raises(ConfigError, match="stages.a.output is set by the runner"):
         experiment.load_config(path, [*overrides, "stages.a.output=elsewhere"])  # it was silently replaced

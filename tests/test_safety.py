@@ -104,12 +104,12 @@ def test_a_damaged_fewstep_json_is_a_one_line_error(tmp_path, text, message):
         models.read_info(folder)
 
 
-def test_a_mistyped_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+def test_a_mistyped_folder_says_so_when_it_fails_as_a_hub_id(tmp_path, monkeypatch):
     from baselines import models
     from baselines.errors import FewstepError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    with pytest.raises(FewstepError, match="runs/typo: no such pipeline folder"):  # was a hub lookup's error
-        models.resolve_model("runs/typo")
-    assert models.resolve_model("owner/model") == "owner/model"  # no local owner/ folder: a hub id
+    assert models.resolve_model("runs/typo") == "runs/typo"  # owner/name: could be a hub id
+    with pytest.raises(FewstepError, match="runs/typo: no such local folder, and as a hub id:"):
+        models.load_pipeline("runs/typo")  # offline here: its hub lookup fails
