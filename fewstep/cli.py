@@ -81,6 +81,15 @@ def _check_method_options(verb: str, args) -> None:
             raise ConfigError(f"{flag} is only used by 'fewstep {verb} {' / '.join(methods)}'")
 
 
+def _files(root):
+    """(name, path) of a file, or of every file under a folder (names relative to it), in a fixed order."""
+    if root.is_file():
+        yield root.name, root
+    for f in sorted(root.rglob("*")) if root.is_dir() else []:
+        if f.is_file():
+            yield str(f.relative_to(root)), f
+
+
 def _inputs_digest(paths: list[str | None]) -> str:
     """sha256 of the contents of the input files and of every file in the input folders."""
     import hashlib
@@ -88,13 +97,9 @@ def _inputs_digest(paths: list[str | None]) -> str:
 
     digest = hashlib.sha256()
     for given in paths:
-        if given is None or not Path(given).exists():
-            continue
-        root = Path(given)
-        for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
-            if f.is_file():
-                digest.update(f"{f.relative_to(root) if root.is_dir() else f.name}\n".encode())
-                digest.update(f.read_bytes())
+        for name, f in _files(Path(given)) if given is not None else []:
+            digest.update(f"{name}\n".encode())
+            digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -108,14 +113,12 @@ def _model_identity(model: str) -> str:
 
     if model == "shapes":
         return models.shipped_identity()
-    folder = Path(model)
-    if not folder.is_dir():
+    if not Path(model).is_dir():
         return model
     digest = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            stat = f.stat()
-            digest.update(f"{f.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    for name, f in _files(Path(model)):
+        stat = f.stat()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
