@@ -24,6 +24,7 @@ from baselines.errors import FewstepError
 from baselines.guidance import get_guidance_scale_embedding, is_guidance_conditioned
 from baselines.samplers import generate, prompt_states, resolve_defaults, unet_evaluations
 from baselines.timing import Timer
+from eval.sweep import model_specs
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -222,11 +223,10 @@ def run_bench(
     if not specs:
         specs = ["shapes"]
     device = bench_device(device)  # a bad --device fails before any timing
+    if not steps or min(steps) < 1:
+        raise FewstepError("--steps needs step counts >= 1")
     rows = []
-    for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
-        if not steps or min(steps) < 1:
-            raise FewstepError("--steps needs step counts >= 1")
+    for name, path in model_specs(specs).items():
         rows += bench_model(
             path,
             steps,

@@ -59,6 +59,19 @@ def normalise_models(models_cfg: Any) -> list[dict]:
     return out
 
 
+def model_specs(specs: list[str]) -> dict[str, str]:
+    """Models named on a command line, each ``path`` or ``name=path``, as ``{name: path}``: a bare path is named
+    after its last folder ('shapes' stays 'shapes'); one name given to two different folders is an error."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec.rstrip("/")).name or spec, "", spec)
+        if not name or not path:
+            raise ConfigError(f"model {spec!r}: give a folder, 'shapes', a hub id, or name=folder")
+        if out.setdefault(name, path) != path:
+            raise ConfigError(f"two models are named {name!r} ({out[name]} and {path}): name them, as name=folder")
+    return out
+
+
 @dataclass
 class SweepStage:
     """A quality / cost grid over pipeline folders (see the module docstring)."""

@@ -244,6 +244,29 @@ def _report(args) -> None:
     print(f"wrote {report_run_dir(args.run_dir)}")
 
 
+# `fewstep eval` options, each a field of the sweep stage (eval.sweep.SweepStage); unset ones keep its defaults
+EVAL_FIELDS = (
+    "samplers", "steps", "guidance_scales", "n_images", "reference_images", "dataset", "prompts", "extractors",
+    "clip", "metrics", "bootstrap", "grid_images", "seed", "batch_size", "cache_dir",
+)  # fmt: skip
+
+
+def _eval(args) -> None:
+    from pathlib import Path
+
+    from eval.report import render_report
+    from eval.sweep import SweepStage, model_specs, run_sweep
+
+    given = {k: getattr(args, k) for k in EVAL_FIELDS if getattr(args, k) is not None}
+    cfg = SweepStage(models=model_specs(args.models), **given)
+    accelerator = _accelerator(args)
+    out = Path(args.out)
+    rows = run_sweep(cfg, out, accelerator)
+    if accelerator.is_main_process:
+        report = render_report([out], [], out / "report", f"fewstep eval: {out.name}")
+        print(f"{len(rows)} cells in {out / 'results.jsonl'}; wrote {report}")
+
+
 def _bench(args) -> None:
     from eval.bench import markdown_table, run_bench
 
@@ -331,6 +354,34 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="render RUN/report/report.md from a run's sweep and edit-eval folders")
     rep.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")
     rep.set_defaults(func=_report)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate pipeline folders over samplers x steps x guidance scales, then render a report",
+        description="A sweep (as the 'sweep' stage of 'fewstep run') over the models given, into --out: one row per "
+        "cell in results.jsonl (a rerun skips finished cells; other settings set the old cells aside in "
+        "results.dropped.jsonl) and --out/report/report.md. Students run at their distilled steps unless --steps "
+        "is given per model in a config.",
+    )
+    ev.add_argument("models", nargs="+", help="'shapes', pipeline folders, hub ids, or name=folder")
+    ev.add_argument("--out", required=True, help="output folder (results.jsonl, grids/, report/)")
+    ev.add_argument("--samplers", nargs="+", default=None, help="training-free samplers for teachers (ddim)")
+    ev.add_argument("--steps", type=int, nargs="+", default=None, help="step counts for teachers (4)")
+    ev.add_argument("--guidance-scales", type=float, nargs="+", default=None, help="default: each model's own")
+    ev.add_argument("--n-images", type=int, default=None, help="images per cell (200)")
+    ev.add_argument("--reference-images", type=int, default=None, help="real images for FD / KID (2000)")
+    ev.add_argument("--dataset", default=None, help="prompts and real images: shapes or a caption folder")
+    ev.add_argument("--prompts", default=None, help="a text file, one prompt per line (instead of the captions)")
+    ev.add_argument("--extractors", nargs="+", default=None, help="embedded, inception, clip:<folder> (embedded)")
+    ev.add_argument("--clip", default=None, help="CLIP for CLIP score, CMMD, attributes (shapes)")
+    ev.add_argument("--metrics", nargs="+", default=None, help="fd kid cmmd clip_score attributes (all)")
+    ev.add_argument("--bootstrap", type=int, default=None, help="FD bootstrap rounds for the 95%% interval (50)")
+    ev.add_argument("--grid-images", type=int, default=None, help="images per cell in its grid (8)")
+    ev.add_argument("--seed", type=int, default=None, help="image i uses seed + i (0)")
+    ev.add_argument("--batch-size", type=int, default=None, help="(50)")
+    ev.add_argument("--cache-dir", default=None, help="reference-feature cache (runs/.cache)")
+    ev.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
+    ev.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="seconds per image vs the raw U-Net + VAE cost (sampling overhead)")
     b.add_argument("models", nargs="*", help="'shapes', pipeline folders or name=folder (default: shapes)")

@@ -262,3 +262,39 @@ def test_a_changed_sweep_keeps_its_finished_cells_and_sets_aside_the_removed_one
     rows = S.run_sweep(sweep_config(tiny_models, tmp_path, models=fewer, metrics=["clip_score"]), out)
     assert calls == [(2, 2.0)] and [r["steps"] for r in rows] == [2]
     assert [r["steps"] for r in S.read_rows(out / "results.dropped.jsonl")] == [1]
+
+
+def test_eval_verb_sweeps_folders_resumes_and_renders_its_report(tiny_models, tmp_path, monkeypatch):
+    """``fewstep eval`` is the sweep stage over folders named on the command line: its options become the
+    stage's fields, a rerun skips finished cells, and the report is rendered into --out/report."""
+    from fewstep import cli
+
+    clip = str(tiny_models / "clip")
+    out = tmp_path / "eval"
+    argv = ["eval", f"cfg={tiny_models / 'teacher'}", str(tiny_models / "student"), "--out", str(out)]
+    argv += ["--steps", "1", "2", "--guidance-scales", "2.5", "--n-images", "4", "--reference-images", "8"]
+    argv += ["--extractors", f"clip:{clip}", "--clip", clip, "--bootstrap", "3", "--batch-size", "4"]
+    argv += ["--grid-images", "2", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    rows = S.read_rows(out / "results.jsonl")
+    # the teacher at the steps and scale asked; the student (named after its folder) at its distilled 2 steps
+    assert sorted((r["model"], r["steps"], r["guidance_scale"], r["nfe"]) for r in rows) == [
+        ("cfg", 1, 2.5, 2), ("cfg", 2, 2.5, 4), ("student", 2, 2.5, 2),
+    ]  # fmt: skip
+    assert all(r["n_images"] == 4 and r["extractors"] == [f"clip:{clip}"] for r in rows)
+    report = (out / "report" / "report.md").read_text()
+    assert "## Sweep `eval` (3 cells, 4 images per cell)" in report and list((out / "report").glob("*.png"))
+
+    _patch_generate(monkeypatch, lambda *a, **k: pytest.fail("a finished cell was regenerated"))
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--samplers", "nope"]) == 2  # the stage's own validation, one line
+
+
+def test_model_specs_name_folders_and_refuse_one_name_for_two():
+    assert S.model_specs(["shapes", "runs/a/model/", "b=runs/b/model"]) == {
+        "shapes": "shapes", "model": "runs/a/model/", "b": "runs/b/model",
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="two models are named 'model'"):
+        S.model_specs(["runs/a/model", "runs/b/model"])
+    with pytest.raises(ConfigError, match="name=folder"):
+        S.model_specs(["=runs/a"])
