@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from baselines.errors import FewstepError
 
@@ -169,14 +169,20 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def sample(self, index: int) -> tuple[np.ndarray, dict]:
         """The uint8 image and attributes (named and continuous) of item ``index``."""
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], int(index)])
+        rng = self._rng(index)
         attributes = sample_attributes(rng)
         image, geometry = render(attributes, self.resolution, rng)
         return image, {**attributes, **geometry}
 
     def attributes_of(self, index: int) -> dict:
         """The named attributes of item ``index`` without rendering its image."""
-        return sample_attributes(np.random.default_rng([self.seed, SPLITS[self.split], int(index)]))
+        return sample_attributes(self._rng(index))
+
+    def _rng(self, index: int) -> np.random.Generator:
+        """The random stream of item ``index``: its split's own, from (seed, split, index)."""
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"shapes {self.split} split has items 0..{len(self) - 1}, asked for {index}")
+        return np.random.default_rng([self.seed, SPLITS[self.split], int(index)])
 
     def attributes_with(self, fixed: dict, n: int) -> list[dict]:
         """Named attributes of the first ``n`` items (from index 0) with ``fixed`` set on top, skipping any that
@@ -203,12 +209,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
-    """Read any PIL-readable image as RGB (greyscale is replicated, alpha dropped over black),
-    resize its shorter side to ``resolution`` and centre-crop; returns 3xHxW in [-1, 1]."""
+    """Read any PIL-readable image as RGB (turned upright by its EXIF orientation, as a viewer shows it;
+    greyscale is replicated, 16-bit greyscale scaled to 8 bits, alpha dropped over black), resize its shorter
+    side to ``resolution`` and centre-crop; returns 3xHxW in [-1, 1]."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # PIL's convert("RGB") clips these at 255: white
+                im = Image.fromarray((np.asarray(im, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
             if im.mode in ("RGBA", "LA", "P"):
                 im = im.convert("RGBA")
                 canvas = Image.new("RGBA", im.size, (0, 0, 0, 255))
@@ -268,7 +278,8 @@ class CaptionFolderDataset(torch.utils.data.Dataset):
 
 
 def make_dataset(name: str, *, split: str = "train", resolution: int = 32, seed: int = 0):
-    """A dataset by name: ``shapes`` or the path of a caption folder."""
+    """A dataset by name: ``shapes`` or the path of a caption folder. A caption folder is one set whatever the
+    ``split``: evaluating on the folder a model was fine-tuned on measures it against its own training images."""
     if name == "shapes":
         return ShapesDataset(split=split, resolution=resolution, seed=seed)
     if Path(name).is_dir():

@@ -20,7 +20,7 @@ import torch
 from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser
-from baselines.teacher import _final_loss, cache_latents, cfg_training_loss
+from baselines.teacher import _final_loss, cache_latents, cfg_training_loss, check_denoising_options
 from baselines.train import TrainConfig, is_main_process, stage_device, train
 
 
@@ -42,14 +42,15 @@ class FinetuneTeacherStage:
         default_factory=lambda: TrainConfig(steps=1000, batch_size=64, lr=2e-4, warmup_steps=50, ema_decay=0.999)
     )
 
+    def __post_init__(self):
+        check_denoising_options(self)
+        if self.max_timestep is not None and self.max_timestep < 0:
+            raise ConfigError(f"max_timestep must be >= 0 (or null: every timestep), got {self.max_timestep}")
+
 
 def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None) -> None:
     """Fine-tune the U-Net and save the whole pipeline to ``<out>/model`` (the other components unchanged but
     for the VAE when ``vae`` swaps one in)."""
-    if not 0 <= cfg.cond_dropout < 1:
-        raise ConfigError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
-    if cfg.cache_images < 1:
-        raise ConfigError(f"cache_images must be >= 1, got {cfg.cache_images}")
     pipe = models.load_pipeline(cfg.model, device=stage_device(accelerator))
     if cfg.vae is not None:
         vae = models.load_vae(cfg.vae)
@@ -92,12 +93,17 @@ def run_finetune_teacher(cfg: FinetuneTeacherStage, out: Path, accelerator=None)
     )
     if is_main_process():
         parent = models.read_info(cfg.model)
+        parent_method = parent.get("method", "pretrained")
+        recommended = dict(parent.get("recommended", {}))
+        if parent_method not in ("teacher", "pretrained"):  # a distilled student's few steps: the plain denoising
+            recommended.pop("num_inference_steps", None)  # loss trains them away, so it samples as a teacher again
         info = {
-            "method": parent.get("method", "teacher"),
+            "method": "teacher",
             "parent": str(cfg.model),
+            "parent_method": parent_method,
             "training_steps": parent.get("training_steps", 0) + cfg.train.steps,
             "final_loss": _final_loss(out / "train"),
-            "recommended": parent.get("recommended", {}),
+            "recommended": recommended,
             "config": asdict(cfg),
         }
         models.save_pipeline(pipe, out / "model", info)

@@ -72,7 +72,8 @@ class UNetDenoiser(nn.Module):
             proj_dim = self.unet.config.time_cond_proj_dim
             if guidance_scale is None:
                 raise ValueError("this U-Net is guidance-conditioned: pass guidance_scale")
-            w = torch.as_tensor(guidance_scale, dtype=torch.float32).expand(z.shape[0]) - 1
+            # w = s - 1 in float64 then float32, as the pipeline computes it (float32 s - 1 is an ulp off at s = 1.2)
+            w = (torch.as_tensor(guidance_scale, dtype=torch.float64).expand(z.shape[0]) - 1).float()
             timestep_cond = get_guidance_scale_embedding(w, proj_dim).to(z)
         out = self.unet(z, t, encoder_hidden_states=text, timestep_cond=timestep_cond).sample
         alpha, sigma = self.alpha_sigma(t)

@@ -42,6 +42,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
+# the parametrisations a sampler's diffusers scheduler can step (the others also take "sample", an x0 model)
+PREDICTION_TYPES = {"euler-a": ("epsilon", "v_prediction"), "pndm": ("epsilon", "v_prediction")}
 
 
 @torch.no_grad()
@@ -60,14 +62,23 @@ def make_scheduler(name: str, base_config: dict):
     """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config (so
     the training schedule, prediction type and spacing carry over).
 
-    Heun, PNDM and LMS have no ``rescale_betas_zero_snr`` option and would silently run a zero-terminal-SNR
-    model on the unrescaled schedule; they get the trained schedule as ``trained_betas`` instead."""
+    The values the base scheduler took from its class defaults carry over too: diffusers' ``from_config``
+    drops them (``_use_default_values``), so an SD-1.x folder (a PNDM config without ``timestep_spacing``)
+    would run DDIM on "leading" but DPM-Solver and Euler on "linspace" grids. Heun, PNDM and LMS have no
+    ``rescale_betas_zero_snr`` option and would silently run a zero-terminal-SNR model on the unrescaled
+    schedule; they get the trained schedule as ``trained_betas`` instead."""
     if name not in SAMPLERS:
         raise FewstepError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
+    prediction = base_config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES.get(name, (prediction,)):
+        raise FewstepError(
+            f"the {name} sampler cannot step a {prediction!r}-prediction model; use ddim, dpmpp-2m or unipc"
+        )
+    config = {k: v for k, v in base_config.items() if k != "_use_default_values"}
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         extra = {**extra, "trained_betas": zero_terminal_snr_betas(base_config)}  # from_config drops it from a config
-    return cls.from_config(dict(base_config), **extra)
+    return cls.from_config(config, **extra)
 
 
 def zero_terminal_snr_betas(scheduler_config: dict) -> list[float]:
@@ -104,8 +115,9 @@ def resolve_defaults(pipe, info: dict, *, steps: int | None, guidance_scale: flo
     steps = steps if steps is not None else rec.get("num_inference_steps", 50)
     guidance_scale = guidance_scale if guidance_scale is not None else recommended_guidance_scale(info)
     sampler = sampler if sampler is not None else rec.get("sampler", "ddim")
-    if steps < 1:
-        raise FewstepError(f"steps must be >= 1, got {steps}")
+    most = pipe.scheduler.config.num_train_timesteps
+    if not 1 <= steps <= most:
+        raise FewstepError(f"steps must be in [1, {most}] (the model's training timesteps), got {steps}")
     return steps, guidance_scale, sampler
 
 
@@ -159,6 +171,10 @@ def generate(
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     if batch_size < 1:
         raise FewstepError(f"batch size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise FewstepError("no prompts to sample")
+    if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+        raise FewstepError(f"{len(prompts)} prompts but {len(negative_prompt)} negative prompts: give one per prompt")
     pipe.set_progress_bar_config(disable=True)
     negatives = (
         [negative_prompt] * len(prompts)

@@ -46,6 +46,34 @@ class TrainVAEStage:
     def __post_init__(self):
         if self.scale_images < 1:
             raise ConfigError(f"scale_images must be >= 1 (latents to measure the scale on), got {self.scale_images}")
+        if self.recon_loss not in ("l1", "mse"):
+            raise ConfigError(f"recon_loss must be 'l1' or 'mse', got {self.recon_loss!r}")
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+
+def check_hard_negatives(cfg) -> None:
+    """A CLIP stage's hard negatives: known attributes, each once, on a dataset that has attributes."""
+    unknown = set(cfg.hard_negatives) - set(data.ATTRIBUTES)
+    if unknown:
+        raise ConfigError(f"hard_negatives: unknown attribute {sorted(unknown)[0]!r}; choose from {data.ATTRIBUTES}")
+    if len(set(cfg.hard_negatives)) != len(cfg.hard_negatives) or cfg.hard_negative_weight < 0:
+        raise ConfigError(
+            f"hard_negatives must name each attribute once and hard_negative_weight be >= 0, got "
+            f"{list(cfg.hard_negatives)}, {cfg.hard_negative_weight}"
+        )
+    if cfg.hard_negatives and cfg.dataset != "shapes":
+        raise ConfigError("hard_negatives need a dataset with known attributes (shapes); set hard_negatives: []")
+
+
+def check_denoising_options(cfg) -> None:
+    """The options a stage training a U-Net on cached latents shares: caption dropout, cache size, Min-SNR."""
+    if cfg.cache_images < 1 or not 0 <= cfg.cond_dropout < 1:
+        raise ConfigError(
+            f"cache_images must be >= 1 and cond_dropout in [0, 1), got {cfg.cache_images}, {cfg.cond_dropout}"
+        )
+    if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
+        raise ConfigError(f"snr_gamma must be > 0 (Min-SNR-gamma; 5 in Hang et al.) or null, got {cfg.snr_gamma}")
 
 
 @dataclass
@@ -64,6 +92,9 @@ class TrainCLIPStage:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=1500, batch_size=128, lr=1e-3, warmup_steps=100)
     )
+
+    def __post_init__(self):
+        check_hard_negatives(self)
 
 
 @dataclass
@@ -90,9 +121,11 @@ class TrainTeacherStage:
     )
 
     def __post_init__(self):
-        if self.cache_images < 1 or not 0 <= self.cond_dropout < 1:
+        check_denoising_options(self)
+        if self.num_inference_steps < 1 or self.guidance_scale < 1:
             raise ConfigError(
-                f"cache_images must be >= 1 and cond_dropout in [0, 1), got {self.cache_images}, {self.cond_dropout}"
+                "num_inference_steps must be >= 1 and guidance_scale >= 1 (the recommendation fewstep.json records),"
+                f" got {self.num_inference_steps}, {self.guidance_scale}"
             )
 
 
@@ -112,10 +145,10 @@ def _fixed_batches(dataset, batch_size: int):
 
 
 def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
-    """Train an ``AutoencoderKL`` with an L1 or MSE reconstruction + a small KL term (as Stable Diffusion's
-    KL-f8, without the adversarial and LPIPS terms that need pretrained weights)."""
-    if cfg.recon_loss not in ("l1", "mse"):
-        raise ConfigError(f"recon_loss must be 'l1' or 'mse', got {cfg.recon_loss!r}")
+    """Train an ``AutoencoderKL`` with an L1 or MSE reconstruction + a small KL term (Stable Diffusion's KL-f8
+    recipe without the adversarial and LPIPS terms that need pretrained weights). The reconstruction is a mean
+    over pixels and the KL a sum over latent elements (mean over the batch), so ``kl_weight`` counts C x H x W
+    times more, relative to reconstruction, than the same number in SD's recipe, where both terms are sums."""
     preset = models.get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     vae = models.build_vae(preset) if cfg.init is None else models.load_vae(cfg.init)
@@ -192,6 +225,9 @@ class FinetuneCLIPStage:
         default_factory=lambda: TrainConfig(steps=3000, batch_size=128, lr=5e-4, warmup_steps=100)
     )
 
+    def __post_init__(self):
+        check_hard_negatives(self)
+
 
 def attribute_variants(attributes: list[dict], key: str) -> tuple[list[str], list[int]]:
     """Each image's caption with attribute ``key`` set to every value it can take (K per image, in
@@ -253,11 +289,6 @@ def _fit_clip(
 ) -> None:
     """Contrastive training of ``clip`` on the one loop, plus the hard-negative terms of
     ``cfg.hard_negatives``; saves ``<out>/model``."""
-    unknown = set(cfg.hard_negatives) - set(data.ATTRIBUTES)
-    if unknown:
-        raise ConfigError(f"hard_negatives: unknown attribute {sorted(unknown)[0]!r}; choose from {data.ATTRIBUTES}")
-    if cfg.hard_negatives and cfg.dataset != "shapes":
-        raise ConfigError("hard_negatives need a dataset with known attributes (shapes); set hard_negatives: []")
 
     def loss(batch, generator):
         return clip_training_loss(

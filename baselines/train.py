@@ -66,6 +66,15 @@ class TrainConfig:
                 "train.checkpoint_every, train.log_every and train.keep_checkpoints must be >= 1"
                 " (a checkpoint and a log row are also written at the last step)"
             )
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError(
+                f"train.lr, train.weight_decay and train.warmup_steps must be >= 0; got {self.lr}, "
+                f"{self.weight_decay}, {self.warmup_steps}"
+            )
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ConfigError(f"train.clip_grad must be > 0, or null for no clipping; got {self.clip_grad}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.mixed_precision not in ("no", "bf16"):
@@ -198,6 +207,14 @@ def train(
     existing = _checkpoints(out_dir)
     if config.resume == "auto" and existing:
         start = _load_checkpoint(existing[-1], params, ema, optimizer)
+    if world > 1:  # every rank must resume from the same step, or their all-reduces pair up wrongly and hang
+        seen = torch.tensor([start, -start], device=accelerator.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0].item() != -seen[1].item():
+            raise FewstepError(
+                f"{desc}: the processes see different checkpoints in {out_dir} (steps {-seen[1].item()} to "
+                f"{seen[0].item()}): put the run folder on storage every machine shares"
+            )
     elif existing and rank == 0:  # resume: never starts afresh; an earlier run's checkpoints would collide
         shutil.rmtree(out_dir / "checkpoints")
     barrier()

@@ -80,3 +80,27 @@ def test_bad_images_are_one_line_errors(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": "b.png",\n')
     with pytest.raises(FewstepError, match="metadata.jsonl line 2 is not JSON"):  # was a JSONDecodeError traceback
         data.CaptionFolderDataset(root=str(tmp_path))
+
+
+def test_images_load_upright_and_16_bit_greyscale_keeps_its_level(tmp_path):
+    """A phone photo's EXIF orientation is applied (it loaded on its side); a 16-bit grey PNG at 46% loaded white."""
+    im = Image.new("RGB", (40, 20))
+    im.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red left, blue right
+    im.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: red on top, blue below
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    x = data.load_image(tmp_path / "phone.jpg", 16)  # shorter side 20 -> 16, centre crop of the 20x40 portrait
+    assert x[0, :4].mean() > 0.8 and x[2, :4].mean() < -0.8  # top rows red
+    assert x[2, -4:].mean() > 0.8 and x[0, -4:].mean() < -0.8  # bottom rows blue
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    g = data.load_image(tmp_path / "grey16.png", 8)
+    assert torch.allclose(g, torch.full_like(g, (30000 >> 8) / 127.5 - 1))
+
+
+def test_the_heldout_split_is_a_fixed_set():
+    ds = data.ShapesDataset(split="heldout", resolution=16)
+    ds.caption_of(data.HELDOUT_SIZE - 1)
+    for index in (data.HELDOUT_SIZE, -1):
+        with pytest.raises(IndexError, match="heldout split has items"):
+            ds[index]

@@ -43,6 +43,14 @@ def test_two_processes_keep_equal_replicas(tmp_path):
     assert ranks[0]["unused_kept"]  # no gradient on any rank: not zero-filled and decayed
 
 
+def test_ranks_that_see_different_checkpoints_stop_together_with_one_line(tmp_path):
+    """Rank 0 would resume at step 2 and rank 1 start at 0 (their all-reduces then pair up wrongly and hang)."""
+    result = _torchrun(str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), "split-folders")
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    assert all(e and "different checkpoints" in e and "steps 0 to 2" in e for e in errors), errors
+
+
 def test_smoke_chain_trains_and_distils_on_two_processes(tmp_path):
     result = _torchrun("-m", "fewstep", "run", "configs/smoke.yaml", f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]

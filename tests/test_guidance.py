@@ -133,3 +133,22 @@ def test_min_snr_weights_in_each_parametrisation_also_at_zero_terminal_snr(nativ
     expected = {"eps": torch.where(snr > 0, clipped / snr, 1.0), "x0": clipped, "v": clipped / (snr + 1)}[native]
     assert torch.isfinite(weighted).all()
     torch.testing.assert_close(weighted, plain * expected)
+
+
+def test_a_guidance_conditioned_denoiser_feeds_w_as_the_pipeline_computes_it(tiny_pipe):
+    """w = s - 1 taken in float64 as the pipeline does (torch.tensor(s - 1)); in float32 it is an ulp off at
+    s = 1.2 and the embedding differs by ~1e-4."""
+    from baselines import models
+    from baselines.guidance import UNetDenoiser
+
+    torch.manual_seed(0)
+    unet = models.build_unet(models.get_preset("tiny"), latent_channels=4, cross_attention_dim=16, time_cond_proj_dim=8)
+    fed = []
+    unet.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["timestep_cond"]), with_kwargs=True)
+    denoiser = UNetDenoiser(unet, dict(tiny_pipe.scheduler.config), tiny_pipe.scheduler.alphas_cumprod)
+    z, text = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 16)
+    denoiser(z, torch.tensor(500), text, guidance_scale=1.2)
+    pipeline_w = torch.tensor(1.2 - 1).repeat(2)
+    assert torch.equal(fed[0], tiny_pipe.get_guidance_scale_embedding(pipeline_w, embedding_dim=8))
+    float32_w = torch.tensor(1.2, dtype=torch.float32).expand(2) - 1
+    assert not torch.equal(fed[0], get_guidance_scale_embedding(float32_w, 8))  # the test can tell them apart

@@ -156,5 +156,55 @@ def test_defaults_fill_only_what_is_unset(tiny_pipe):
     info = {"recommended": {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "unipc"}}
     assert resolve_defaults(tiny_pipe, info, steps=None, guidance_scale=None, sampler=None) == (4, 3.0, "unipc")
     assert resolve_defaults(tiny_pipe, info, steps=2, guidance_scale=1.0, sampler="ddim") == (2, 1.0, "ddim")
-    with pytest.raises(FewstepError, match="steps must be >= 1, got 0"):  # 0 was read as unset: 4 steps
+    with pytest.raises(FewstepError, match=r"steps must be in \[1, 1024\].*got 0"):  # 0 was read as unset: 4 steps
         resolve_defaults(tiny_pipe, info, steps=0, guidance_scale=None, sampler=None)
+    with pytest.raises(FewstepError, match="got 2000"):  # diffusers' traceback, once sampling had started
+        resolve_defaults(tiny_pipe, info, steps=2000, guidance_scale=None, sampler=None)
+
+
+def test_samplers_keep_the_base_schedulers_default_spacing():
+    """An SD-1.x scheduler folder (PNDM, no timestep_spacing written: 'leading' by its class default): diffusers'
+    from_config dropped the defaulted keys, so DDIM ran 'leading' but DPM-Solver++ and Euler 'linspace' grids."""
+    from diffusers import PNDMScheduler
+
+    sd1 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+           "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}  # fmt: skip
+    base = PNDMScheduler.from_config(sd1).config
+    assert "timestep_spacing" in base["_use_default_values"]
+    grids = {}
+    for name in ("ddim", "dpmpp-2m", "euler", "unipc"):
+        scheduler = make_scheduler(name, dict(base))
+        scheduler.set_timesteps(2)
+        assert scheduler.config.timestep_spacing == "leading"
+        grids[name] = scheduler.timesteps.round().long().tolist()
+    # each class's own 'leading' grid (the multistep solvers split T into N + 1 parts); 'linspace' was [999, 500]
+    assert grids == {"ddim": [501, 1], "euler": [501, 1], "dpmpp-2m": [667, 334], "unipc": [667, 334]}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_a_sampler_that_cannot_step_an_x0_model_says_so(sampler):
+    """x0 ('sample') models: the samplers PREDICTION_TYPES allows run them, the others are a one-line error up front
+    (diffusers raised mid-sampling); checked against diffusers itself, so the table cannot drift."""
+    from diffusers import DDIMScheduler
+
+    from baselines.errors import FewstepError
+    from baselines.models import build_pipeline
+    from baselines.samplers import PREDICTION_TYPES
+
+    pipe = build_pipeline("tiny", seed=0)
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "prediction_type": "sample"})
+    run = lambda: generate(pipe, ["a"], seeds=[0], sampler=sampler, num_inference_steps=2, guidance_scale=1.0)  # noqa: E731
+    if "sample" in PREDICTION_TYPES.get(sampler, ("sample",)):
+        assert torch.isfinite(run()).all()
+    else:
+        with pytest.raises(FewstepError, match=f"the {sampler} sampler cannot step a 'sample'-prediction model"):
+            run()
+
+
+def test_generate_checks_its_prompts_up_front(tiny_pipe):
+    from baselines.errors import FewstepError
+
+    with pytest.raises(FewstepError, match="no prompts"):
+        generate(tiny_pipe, [], seeds=[], num_inference_steps=1)
+    with pytest.raises(FewstepError, match="2 prompts but 1 negative prompts"):
+        generate(tiny_pipe, ["a", "b"], seeds=[0, 1], negative_prompt=["x"], num_inference_steps=1)

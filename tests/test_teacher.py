@@ -86,6 +86,7 @@ def test_finetune_teacher_with_another_vae_trains_on_its_latents_and_saves_it(tm
     )
     run_finetune_teacher(cfg, tmp_path / "out")
     saved = models.load_pipeline(tmp_path / "out" / "model")
+    assert models.read_info(tmp_path / "out" / "model")["method"] == "teacher"
     assert saved.vae.config.scaling_factor == 0.5
     assert all(torch.equal(a, b) for a, b in zip(saved.vae.state_dict().values(), other.state_dict().values()))
     assert all(
@@ -170,3 +171,49 @@ def test_ship_writes_fp16_models_and_the_chosen_recommended_guidance(tiny_pipe, 
     assert (target / "MANIFEST.json").read_text() != chosen_manifest
     with pytest.raises(ConfigError, match="recommended_guidance_scale"):
         ShipStage(recommended_guidance_scale=0.5)
+
+
+@pytest.mark.parametrize(
+    "stage, bad, says",
+    [
+        ("TrainVAEStage", dict(recon_loss="l2"), "recon_loss"),
+        ("TrainVAEStage", dict(kl_weight=-1.0), "kl_weight"),
+        ("TrainCLIPStage", dict(hard_negatives=["shap"]), "unknown attribute 'shap'"),
+        ("TrainCLIPStage", dict(hard_negatives=["shape", "shape"]), "each attribute once"),
+        ("FinetuneCLIPStage", dict(clip="c", hard_negatives=["shape"], dataset="/my/folder"), "known attributes"),
+        ("TrainTeacherStage", dict(snr_gamma=0.0), "snr_gamma"),  # the loss was exactly 0: nothing trained
+        ("TrainTeacherStage", dict(guidance_scale=0.5), "guidance_scale"),
+        ("TrainTeacherStage", dict(num_inference_steps=0), "num_inference_steps"),
+        ("FinetuneTeacherStage", dict(cond_dropout=1.5), "cond_dropout"),
+        ("FinetuneTeacherStage", dict(max_timestep=-1), "max_timestep"),
+    ],
+)
+def test_bad_stage_values_are_errors_when_the_config_is_read(stage, bad, says):
+    """Checked in the stage config itself, so a typo fails at --dry-run, not hours in when the stage starts."""
+    from baselines import finetune, teacher
+    from baselines.errors import ConfigError
+
+    cls = getattr(teacher, stage, None) or getattr(finetune, stage)
+    with pytest.raises(ConfigError, match=says):
+        cls(**bad)
+
+
+def test_a_fine_tuned_student_is_labelled_a_teacher_without_its_few_steps(tmp_path):
+    """The plain denoising loss trains a distilled student's few-step skill away: the sweep must not run it as a
+    student at its distilled steps (it kept method 'progressive' and 2 recommended steps)."""
+    from baselines import models
+    from baselines.finetune import FinetuneTeacherStage, run_finetune_teacher
+    from baselines.train import TrainConfig
+
+    rec = {"num_inference_steps": 2, "guidance_scale": 3.0}
+    models.save_pipeline(
+        models.build_pipeline("tiny", seed=0), tmp_path / "s", {"method": "progressive", "recommended": rec}
+    )
+    cfg = FinetuneTeacherStage(model=str(tmp_path / "s"), cache_images=4, train=TrainConfig(steps=1, batch_size=4))
+    run_finetune_teacher(cfg, tmp_path / "out")
+    info = models.read_info(tmp_path / "out" / "model")
+    assert (info["method"], info["parent_method"], info["recommended"]) == (
+        "teacher",
+        "progressive",
+        {"guidance_scale": 3.0},
+    )

@@ -189,6 +189,12 @@ def test_mixed_precision_comes_from_the_train_config_under_a_shared_accelerator(
         dict(keep_checkpoints=0),
         dict(ema_decay=1.0),
         dict(mixed_precision="fp16"),
+        dict(clip_grad=-1.0),  # negative: clip_grad_norm_ flipped every gradient (training climbed the loss)
+        dict(clip_grad=0.0),  # read as "no clipping"
+        dict(lr=-1e-4),
+        dict(weight_decay=-0.1),
+        dict(warmup_steps=-5),
+        dict(adam_betas=(2.0, 0.9)),
     ],
 )
 def test_bad_train_configs_are_config_errors(bad):
