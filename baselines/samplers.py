@@ -46,6 +46,12 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 PREDICTION_TYPES = {"euler-a": ("epsilon", "v_prediction"), "pndm": ("epsilon", "v_prediction")}
 
 
+def image_seeds(seed: int, indices) -> list[int]:
+    """The per-image seeds of item ``indices`` in a run with ``seed``: seed * 1_000_003 + i (0, 1, 2, ... at seed
+    0), so a run with another seed draws other noise for every item."""
+    return [seed * 1_000_003 + int(i) for i in indices]
+
+
 @torch.no_grad()
 def ddim_step_with(predict_x0, z: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, alpha_sigma) -> torch.Tensor:
     """One deterministic DDIM step z_t -> z_{t_prev} (Song et al. 2021, eq. 12) with a model's x0

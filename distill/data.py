@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from baselines import data
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import encode_text
-from baselines.samplers import generate_split
+from baselines.samplers import generate_split, image_seeds
 from baselines.train import barrier, is_main_process
 
 
@@ -91,7 +91,7 @@ def teacher_pool(pipe, cfg: PoolConfig, *, guidance_range: tuple[float, float], 
                 generate_split(
                     pipe,
                     [prompts[i] for i in idx],
-                    [cfg.seed * 1_000_003 + i for i in idx],
+                    image_seeds(cfg.seed, idx),
                     sampler=cfg.sampler,
                     num_inference_steps=cfg.steps,
                     guidance_scale=s,

@@ -16,7 +16,7 @@ from baselines import data, models
 from baselines.errors import ConfigError
 from baselines.guidance import UNetDenoiser, encode_tokens, is_guidance_conditioned, text_batch
 from baselines.losses import denoising_loss
-from baselines.samplers import generate, resolve_defaults
+from baselines.samplers import generate, image_seeds, resolve_defaults
 from baselines.train import TrainConfig, is_main_process, stage_device, train
 from editing.common import encode_image, finetune_guidance_scale, model_resolution
 from editing.concepts import ConceptSource, concept_images, concept_prompts
@@ -84,7 +84,7 @@ def run_dreambooth(cfg: DreamBoothStage, out: Path, accelerator=None) -> Path:
         class_pixels = generate(
             pipe,
             cprompts,
-            seeds=list(range(len(cprompts))),
+            seeds=image_seeds(cfg.train.seed, range(len(cprompts))),  # other training seeds, other class images
             sampler=sampler,
             num_inference_steps=steps,
             guidance_scale=scale,

@@ -537,6 +537,26 @@ def test_dreambooth_loss_is_the_instance_term_plus_the_weighted_prior_term(tiny_
     assert first[2] - first[1] == pytest.approx(prior, rel=1e-4)
 
 
+def test_dreambooth_class_images_follow_the_training_seed(tiny_folder, tmp_path, monkeypatch):
+    """Seed 0 keeps the class images' seeds 0..n-1; another training seed draws other class images (every seed
+    drew the same ones, so repeats over seeds shared their prior set)."""
+    seen = []
+
+    def stop(pipe, prompts, *, seeds, **kw):
+        seen.append(seeds)
+        raise KeyboardInterrupt  # enough: the class images' seeds are known
+
+    monkeypatch.setattr(dreambooth, "generate", stop)
+    for seed in (0, 1):
+        source = concepts.ConceptSource(num_images=2, concept=CONCEPT)
+        cfg = dreambooth.DreamBoothStage(model=str(tiny_folder), source=source, num_class_images=3, train=_quick())
+        with pytest.raises(KeyboardInterrupt):
+            dreambooth.run_dreambooth(
+                dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), tmp_path
+            )
+    assert seen[0] == [0, 1, 2] and len(set(seen[1]) | set(seen[0])) == 6
+
+
 def test_dreambooth_bad_bind_is_a_config_error(tiny_folder, tmp_path):
     cfg = dreambooth.DreamBoothStage(model=str(tiny_folder), bind=["background"], train=_quick())
     with pytest.raises(ConfigError, match="bind"):
