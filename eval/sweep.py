@@ -61,10 +61,13 @@ def normalise_models(models_cfg: Any) -> list[dict]:
 
 def model_specs(specs: list[str]) -> dict[str, str]:
     """Models named on a command line, each ``path`` or ``name=path``, as ``{name: path}``: a bare path is named
-    after its last folder ('shapes' stays 'shapes'); one name given to two different folders is an error."""
+    after its folder, or a stage's ``<stage>/model`` after the stage ('shapes' stays 'shapes'); one name given to
+    two different folders is an error."""
     out: dict[str, str] = {}
     for spec in specs:
-        name, _, path = spec.partition("=") if "=" in spec else (Path(spec.rstrip("/")).name or spec, "", spec)
+        folder = Path(spec.rstrip("/"))
+        named = folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
+        name, _, path = spec.partition("=") if "=" in spec else (named or spec, "", spec)
         if not name or not path:
             raise ConfigError(f"model {spec!r}: give a folder, 'shapes', a hub id, or name=folder")
         if out.setdefault(name, path) != path:

@@ -254,11 +254,16 @@ EVAL_FIELDS = (
 def _eval(args) -> None:
     from pathlib import Path
 
+    from baselines import models
     from eval.report import render_report
-    from eval.sweep import SweepStage, model_specs, run_sweep
+    from eval.sweep import STUDENT_METHODS, SweepStage, model_specs, run_sweep
 
     given = {k: getattr(args, k) for k in EVAL_FIELDS if getattr(args, k) is not None}
-    cfg = SweepStage(models=model_specs(args.models), **given)
+    entries = [{"name": name, "path": path} for name, path in model_specs(args.models).items()]
+    for entry in entries if args.student_steps else []:
+        if models.read_info(entry["path"]).get("method") in STUDENT_METHODS:
+            entry["steps"] = args.student_steps
+    cfg = SweepStage(models=entries, **given)
     accelerator = _accelerator(args)
     out = Path(args.out)
     rows = run_sweep(cfg, out, accelerator)
@@ -360,13 +365,14 @@ def parser() -> argparse.ArgumentParser:
         help="evaluate pipeline folders over samplers x steps x guidance scales, then render a report",
         description="A sweep (as the 'sweep' stage of 'fewstep run') over the models given, into --out: one row per "
         "cell in results.jsonl (a rerun skips finished cells; other settings set the old cells aside in "
-        "results.dropped.jsonl) and --out/report/report.md. Students run at their distilled steps unless --steps "
-        "is given per model in a config.",
+        "results.dropped.jsonl) and --out/report/report.md. Students run at their own steps unless "
+        "--student-steps is given.",
     )
     ev.add_argument("models", nargs="+", help="'shapes', pipeline folders, hub ids, or name=folder")
     ev.add_argument("--out", required=True, help="output folder (results.jsonl, grids/, report/)")
     ev.add_argument("--samplers", nargs="+", default=None, help="training-free samplers for teachers (ddim)")
     ev.add_argument("--steps", type=int, nargs="+", default=None, help="step counts for teachers (4)")
+    ev.add_argument("--student-steps", type=int, nargs="+", default=None, help="default: each student's own")
     ev.add_argument("--guidance-scales", type=float, nargs="+", default=None, help="default: each model's own")
     ev.add_argument("--n-images", type=int, default=None, help="images per cell (200)")
     ev.add_argument("--reference-images", type=int, default=None, help="real images for FD / KID (2000)")

@@ -289,12 +289,18 @@ def test_eval_verb_sweeps_folders_resumes_and_renders_its_report(tiny_models, tm
     assert cli.main(argv) == 0
     assert cli.main([*argv, "--samplers", "nope"]) == 2  # the stage's own validation, one line
 
+    monkeypatch.undo()
+    assert cli.main([*argv, "--student-steps", "1"]) == 0  # the student at 1 step; the teacher's cells kept
+    rows = S.read_rows(out / "results.jsonl")
+    assert sorted((r["model"], r["steps"]) for r in rows) == [("cfg", 1), ("cfg", 2), ("student", 1)]
+
 
 def test_model_specs_name_folders_and_refuse_one_name_for_two():
-    assert S.model_specs(["shapes", "runs/a/model/", "b=runs/b/model"]) == {
-        "shapes": "shapes", "model": "runs/a/model/", "b": "runs/b/model",
+    assert S.model_specs(["shapes", "runs/x/guidance/model/", "b=runs/b/model", "runs/p/progressive-2step"]) == {
+        "shapes": "shapes", "guidance": "runs/x/guidance/model/", "b": "runs/b/model",
+        "progressive-2step": "runs/p/progressive-2step",
     }  # fmt: skip
-    with pytest.raises(ConfigError, match="two models are named 'model'"):
-        S.model_specs(["runs/a/model", "runs/b/model"])
+    with pytest.raises(ConfigError, match="two models are named 'guidance'"):
+        S.model_specs(["runs/a/guidance/model", "runs/b/guidance/model"])
     with pytest.raises(ConfigError, match="name=folder"):
         S.model_specs(["=runs/a"])
