@@ -64,7 +64,10 @@ def ddim_step_with(predict_x0, z: torch.Tensor, t: torch.Tensor, t_prev: torch.T
     return diffusion.ddim_step(x0=x0, eps=eps, alpha_prev=alpha_prev, sigma_prev=sigma_prev)
 
 
-def make_scheduler(name: str, base_config: dict):
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def make_scheduler(name: str, base_config: dict, *, timestep_spacing: str | None = None):
     """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config (so
     the training schedule, prediction type and spacing carry over).
 
@@ -72,7 +75,8 @@ def make_scheduler(name: str, base_config: dict):
     drops them (``_use_default_values``), so an SD-1.x folder (a PNDM config without ``timestep_spacing``)
     would run DDIM on "leading" but DPM-Solver and Euler on "linspace" grids. Heun, PNDM and LMS have no
     ``rescale_betas_zero_snr`` option and would silently run a zero-terminal-SNR model on the unrescaled
-    schedule; they get the trained schedule as ``trained_betas`` instead."""
+    schedule; they get the trained schedule as ``trained_betas`` instead. ``timestep_spacing`` replaces the
+    model's grid (e.g. "trailing" for an SD-1.x model, whose "leading" grid starts a 1-step sample at t = 1)."""
     if name not in SAMPLERS:
         raise FewstepError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
@@ -82,6 +86,10 @@ def make_scheduler(name: str, base_config: dict):
             f"the {name} sampler cannot step a {prediction!r}-prediction model; use ddim, dpmpp-2m or unipc"
         )
     config = {k: v for k, v in base_config.items() if k != "_use_default_values"}
+    if timestep_spacing is not None:
+        if timestep_spacing not in SPACINGS:
+            raise FewstepError(f"timestep spacing {timestep_spacing!r}: choose one of {list(SPACINGS)}")
+        config["timestep_spacing"] = timestep_spacing
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         extra = {**extra, "trained_betas": zero_terminal_snr_betas(base_config)}  # from_config drops it from a config
     return cls.from_config(config, **extra)
@@ -170,9 +178,11 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     latents: bool = False,
+    timestep_spacing: str | None = None,
 ) -> torch.Tensor:
     """Images (N,3,H,W) in [0,1] for ``prompts[i]`` with seed ``seeds[i]``; batching does not
-    change image i. With ``latents``, the final (scaled) latents instead, without VAE decoding."""
+    change image i. With ``latents``, the final (scaled) latents instead, without VAE decoding;
+    ``timestep_spacing`` replaces the model's grid (see ``make_scheduler``)."""
     if len(prompts) != len(seeds):
         raise FewstepError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per image")
     if batch_size < 1:
@@ -189,7 +199,7 @@ def generate(
     )
     cfg = guidance_scale > 1 and not is_guidance_conditioned(pipe.unet)
     own_scheduler = pipe.scheduler  # the pipeline keeps its own: a distilled student saves it
-    pipe.scheduler = make_scheduler(sampler, own_scheduler.config)
+    pipe.scheduler = make_scheduler(sampler, own_scheduler.config, timestep_spacing=timestep_spacing)
     images = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):

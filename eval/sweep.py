@@ -24,7 +24,14 @@ from omegaconf import MISSING
 from baselines import data, models
 from baselines.errors import ConfigError, FewstepError
 from baselines.guidance import is_guidance_conditioned
-from baselines.samplers import SAMPLERS, generate, generate_split, recommended_guidance_scale, unet_evaluations
+from baselines.samplers import (
+    SAMPLERS,
+    SPACINGS,
+    generate,
+    generate_split,
+    recommended_guidance_scale,
+    unet_evaluations,
+)
 from baselines.train import process_group, stage_device
 from eval import metrics as M
 from eval.grids import save_grid
@@ -85,6 +92,7 @@ class SweepStage:
     prompts: str | None = None  # a text file, one prompt per line (overrides the dataset's captions)
     samplers: list[str] = field(default_factory=lambda: ["ddim"])
     steps: list[int] = field(default_factory=lambda: [4])
+    timestep_spacing: str | None = None  # every cell's grid: leading | linspace | trailing (None: each model's own)
     guidance_scales: list[float] | None = None  # default: each model's recommended scale (fewstep.json)
     n_images: int = 200
     reference_images: int = 2000
@@ -102,6 +110,10 @@ class SweepStage:
         for s in self.samplers + [s for m in self.models for s in m["samplers"] or []]:
             if s not in SAMPLERS:
                 raise ConfigError(f"sweep.samplers: unknown sampler {s!r}; choose from {sorted(SAMPLERS)}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise ConfigError(
+                f"sweep.timestep_spacing must be one of {list(SPACINGS)} or null, got {self.timestep_spacing!r}"
+            )
         bad = set(self.metrics) - set(METRICS)
         if bad:
             raise ConfigError(f"sweep.metrics: unknown metric {sorted(bad)[0]!r}; choose from {list(METRICS)}")
@@ -214,6 +226,7 @@ def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: flo
         "guidance_scale": scale,
         **{k: getattr(cfg, k) for k in ("dataset", "prompts", "n_images", "reference_images", "extractors", "clip")},
         **{k: getattr(cfg, k) for k in ("metrics", "bootstrap", "seed")},
+        **({"timestep_spacing": cfg.timestep_spacing} if cfg.timestep_spacing else {}),  # unset: the hashes as before
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -314,7 +327,15 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         method = info.get("method", "pretrained")
         for sampler, scale in dict.fromkeys((c[0], c[2]) for c in cells):  # warm-up calls (allocator, first-call
             # set-up of each sampler, the CFG batch), so no cell is timed cold
-            generate(pipe, prompts[:1], seeds=seeds[:1], sampler=sampler, num_inference_steps=1, guidance_scale=scale)
+            generate(
+                pipe,
+                prompts[:1],
+                seeds=seeds[:1],
+                sampler=sampler,
+                num_inference_steps=1,
+                guidance_scale=scale,
+                timestep_spacing=cfg.timestep_spacing,
+            )
         for sampler, steps, scale in cells:
             start = time.perf_counter()
             images = generate_split(
@@ -326,6 +347,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 guidance_scale=scale,
                 batch_size=cfg.batch_size,
                 progress=True,
+                timestep_spacing=cfg.timestep_spacing,
             )
             seconds = time.perf_counter() - start
             if rank != 0:
@@ -338,6 +360,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "sampler": sampler,
                 "steps": steps,
                 "guidance_scale": scale,
+                "timestep_spacing": cfg.timestep_spacing or pipe.scheduler.config.get("timestep_spacing"),
                 "nfe": unet_evaluations(
                     sampler=sampler, steps=steps, guidance_scale=scale, guidance_conditioned=conditioned
                 ),

@@ -208,3 +208,16 @@ def test_generate_checks_its_prompts_up_front(tiny_pipe):
         generate(tiny_pipe, [], seeds=[], num_inference_steps=1)
     with pytest.raises(FewstepError, match="2 prompts but 1 negative prompts"):
         generate(tiny_pipe, ["a", "b"], seeds=[0, 1], negative_prompt=["x"], num_inference_steps=1)
+
+
+def test_a_timestep_spacing_replaces_the_models_grid(tiny_pipe):
+    """The tiny model is trailing (1 step at t = T - 1); 'leading' asked for runs 1 step at t = steps_offset."""
+    from baselines.errors import FewstepError
+
+    own = make_scheduler("ddim", tiny_pipe.scheduler.config)
+    own.set_timesteps(1)
+    leading = make_scheduler("ddim", tiny_pipe.scheduler.config, timestep_spacing="leading")
+    leading.set_timesteps(1)
+    assert own.timesteps.tolist() == [1023] and leading.timesteps.tolist() == [1]
+    with pytest.raises(FewstepError, match="timestep spacing 'karras'"):
+        make_scheduler("ddim", tiny_pipe.scheduler.config, timestep_spacing="karras")

@@ -304,3 +304,23 @@ def test_model_specs_name_folders_and_refuse_one_name_for_two():
         S.model_specs(["runs/a/guidance/model", "runs/b/guidance/model"])
     with pytest.raises(ConfigError, match="name=folder"):
         S.model_specs(["=runs/a"])
+
+
+def test_a_sweeps_timestep_spacing_reaches_every_cell_and_its_row(tiny_models, tmp_path, monkeypatch):
+    seen = []
+    real_generate = S.generate
+
+    def spy(pipe, prompts, *, seeds, **kw):
+        seen.append(kw["timestep_spacing"])
+        return real_generate(pipe, prompts, seeds=seeds, **kw)
+
+    _patch_generate(monkeypatch, spy)
+    fields = sweep_fields(tiny_models, tmp_path)
+    cfg = S.SweepStage(**{**fields, "models": fields["models"][:1], "steps": [1], "timestep_spacing": "leading"})
+    rows = S.run_sweep(cfg, tmp_path / "sweep")
+    assert set(seen) == {"leading"} and {r["timestep_spacing"] for r in rows} == {"leading"}
+    plain = S.SweepStage(**{**fields, "models": fields["models"][:1], "steps": [1]})
+    entry = cfg.models[0]
+    assert S.cell_hash(cfg, entry, "ddim", 1, 1.5) != S.cell_hash(plain, entry, "ddim", 1, 1.5)
+    with pytest.raises(ConfigError, match="sweep.timestep_spacing"):
+        S.SweepStage(models={"a": "x"}, timestep_spacing="karras")
