@@ -29,7 +29,9 @@ def denoising_loss(
 ) -> Tensor:
     """The diffusion training loss in the denoiser's native parametrisation (Ho et al. 2020;
     v-prediction: Salimans & Ho 2022). With ``snr_gamma``, Min-SNR-gamma weights (Hang et al.
-    2023) rescaled to the native parametrisation. With ``max_timestep``, t is drawn from [0, max_timestep]."""
+    2023) rescaled to the native parametrisation: min(SNR, gamma) on the x0 error, so on a zero-terminal-SNR
+    schedule the x0 and v weights vanish at t = T - 1, where 1-step sampling starts (off by default). With
+    ``max_timestep``, t is drawn from [0, max_timestep]."""
     n = x0.shape[0]
     t = draw_timesteps(n, len(denoiser.alphas_cumprod), generator, max_timestep).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0)
