@@ -207,6 +207,8 @@ def train(
     existing = _checkpoints(out_dir)
     if config.resume == "auto" and existing:
         start = _load_checkpoint(existing[-1], params, ema, optimizer)
+    elif existing and rank == 0:  # resume: never starts afresh; an earlier run's checkpoints would collide
+        shutil.rmtree(out_dir / "checkpoints")
     if world > 1:  # every rank must resume from the same step, or their all-reduces pair up wrongly and hang
         seen = torch.tensor([start, -start], device=accelerator.device)
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)
@@ -215,8 +217,6 @@ def train(
                 f"{desc}: the processes see different checkpoints in {out_dir} (steps {-seen[1].item()} to "
                 f"{seen[0].item()}): put the run folder on storage every machine shares"
             )
-    elif existing and rank == 0:  # resume: never starts afresh; an earlier run's checkpoints would collide
-        shutil.rmtree(out_dir / "checkpoints")
     barrier()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
     crashed = _toy()
     _fit(crashed, tmp_path / "b", crash_at=5)
     assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    _fit(_toy(seed=7), tmp_path / "b", crash_at=1)  # pre-empted again before the resumed run's next checkpoint:
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
     (tmp_path / "b" / "checkpoints" / ".tmp-step-00000006").mkdir()  # a half-written checkpoint is ignored
     resumed = _toy(seed=123)  # fresh weights: everything must come from the checkpoint
     _fit(resumed, tmp_path / "b")
