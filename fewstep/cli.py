@@ -255,6 +255,7 @@ def _eval(args) -> None:
     from pathlib import Path
 
     from baselines import models
+    from baselines.train import barrier, is_main_process, process_group
     from eval.report import render_report
     from eval.sweep import STUDENT_METHODS, SweepStage, model_specs, run_sweep
 
@@ -264,10 +265,11 @@ def _eval(args) -> None:
         if models.read_info(entry["path"]).get("method") in STUDENT_METHODS:
             entry["steps"] = args.student_steps
     cfg = SweepStage(models=entries, **given)
-    accelerator = _accelerator(args)
+    process_group()  # under torchrun: the processes split each cell's images (before accelerate, as `run` does)
     out = Path(args.out)
-    rows = run_sweep(cfg, out, accelerator)
-    if accelerator.is_main_process:
+    rows = run_sweep(cfg, out, _accelerator(args))
+    barrier()  # rank 0 scores the last cell while the others wait
+    if is_main_process():
         report = render_report([out], [], out / "report", f"fewstep eval: {out.name}")
         print(f"{len(rows)} cells in {out / 'results.jsonl'}; wrote {report}")
 

@@ -110,3 +110,22 @@ def test_sweep_on_two_processes_writes_the_single_process_rows_once(tmp_path):
                 assert two_rows[h][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (row["label"], key)
             else:
                 assert two_rows[h][key] == value, (row["label"], key)
+
+
+def test_eval_verb_on_two_processes_reports_every_cell_once(tmp_path):
+    """``fewstep eval`` under torchrun: both processes generate, rank 0 alone writes the rows and then the report,
+    after the last cell's row (the report of a rank that ran ahead said '1 cells' of 2)."""
+    from tiny_sweep import save_tiny_models
+
+    root = save_tiny_models(tmp_path / "models")
+    clip, out = str(root / "clip"), tmp_path / "eval"
+    result = _torchrun(
+        "-m", "fewstep", "eval", f"t={root / 'teacher'}", "--out", str(out), "--steps", "1", "2",
+        "--n-images", "4", "--reference-images", "8", "--extractors", f"clip:{clip}", "--clip", clip,
+        "--bootstrap", "2", "--grid-images", "2", "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["steps"] for r in rows) == [1, 2] and {r["processes"] for r in rows} == {2}
+    assert "(2 cells, 4 images per cell)" in (out / "report" / "report.md").read_text()
+    assert result.stdout.count("wrote") == 1
