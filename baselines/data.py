@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from baselines.errors import FewstepError
+from baselines.errors import ConfigError, FewstepError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -275,6 +275,12 @@ class CaptionFolderDataset(torch.utils.data.Dataset):
     def batch(self, indices) -> dict:
         """Stack items into a batch: pixel_values (B,3,H,W), captions and attributes lists."""
         return stack_items([self[int(i)] for i in indices])
+
+
+def check_heldout_count(key: str, n: int, least: int, most: int) -> None:
+    """A count of held-out shapes images a stage reads: a one-line error beyond the fixed held-out set."""
+    if not least <= n <= most:
+        raise ConfigError(f"{key} must be in [{least}, {most}] (the held-out split has {HELDOUT_SIZE}), got {n}")
 
 
 def make_dataset(name: str, *, split: str = "train", resolution: int = 32, seed: int = 0):

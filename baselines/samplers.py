@@ -68,15 +68,14 @@ SPACINGS = ("leading", "linspace", "trailing")
 
 
 def make_scheduler(name: str, base_config: dict, *, timestep_spacing: str | None = None):
-    """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config (so
-    the training schedule, prediction type and spacing carry over).
-
-    The values the base scheduler took from its class defaults carry over too: diffusers' ``from_config``
-    drops them (``_use_default_values``), so an SD-1.x folder (a PNDM config without ``timestep_spacing``)
-    would run DDIM on "leading" but DPM-Solver and Euler on "linspace" grids. Heun, PNDM and LMS have no
-    ``rescale_betas_zero_snr`` option and would silently run a zero-terminal-SNR model on the unrescaled
-    schedule; they get the trained schedule as ``trained_betas`` instead. ``timestep_spacing`` replaces the
-    model's grid (e.g. "trailing" for an SD-1.x model, whose "leading" grid starts a 1-step sample at t = 1)."""
+    """A diffusers scheduler by sampler name, configured from a pipeline's scheduler config as diffusers'
+    ``X.from_config(pipe.scheduler.config)`` does: the values written in the config (training schedule,
+    prediction type, spacing when written) carry over; those the base scheduler took from its own class defaults
+    do not (``_use_default_values``), so an SD-1.x folder (a PNDM config without ``timestep_spacing``) samples
+    DDIM on its "leading" grid but DPM-Solver++, UniPC and Euler on "linspace", as published SD-1.x numbers
+    were made. ``timestep_spacing`` puts any sampler on one grid (e.g. "trailing": "leading" starts 1-step
+    DDIM at t = 1). Heun, PNDM and LMS have no ``rescale_betas_zero_snr`` option and would silently run a
+    zero-terminal-SNR model on the unrescaled schedule; they get the trained schedule as ``trained_betas``."""
     if name not in SAMPLERS:
         raise FewstepError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
@@ -85,14 +84,13 @@ def make_scheduler(name: str, base_config: dict, *, timestep_spacing: str | None
         raise FewstepError(
             f"the {name} sampler cannot step a {prediction!r}-prediction model; use ddim, dpmpp-2m or unipc"
         )
-    config = {k: v for k, v in base_config.items() if k != "_use_default_values"}
     if timestep_spacing is not None:
         if timestep_spacing not in SPACINGS:
             raise FewstepError(f"timestep spacing {timestep_spacing!r}: choose one of {list(SPACINGS)}")
-        config["timestep_spacing"] = timestep_spacing
+        extra = {**extra, "timestep_spacing": timestep_spacing}  # a keyword: also past _use_default_values
     if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
         extra = {**extra, "trained_betas": zero_terminal_snr_betas(base_config)}  # from_config drops it from a config
-    return cls.from_config(config, **extra)
+    return cls.from_config(dict(base_config), **extra)
 
 
 def zero_terminal_snr_betas(scheduler_config: dict) -> list[float]:

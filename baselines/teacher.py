@@ -147,8 +147,9 @@ def _fixed_batches(dataset, batch_size: int):
 def run_train_vae(cfg: TrainVAEStage, out: Path, accelerator=None) -> None:
     """Train an ``AutoencoderKL`` with an L1 or MSE reconstruction + a small KL term (Stable Diffusion's KL-f8
     recipe without the adversarial and LPIPS terms that need pretrained weights). The reconstruction is a mean
-    over pixels and the KL a sum over latent elements (mean over the batch), so ``kl_weight`` counts C x H x W
-    times more, relative to reconstruction, than the same number in SD's recipe, where both terms are sums."""
+    over pixels and the KL a sum over latent elements (mean over the batch), so ``kl_weight`` counts 3 x H x W
+    (the image's pixel values) times more, relative to reconstruction, than the same number in SD's recipe,
+    where both terms are sums."""
     preset = models.get_preset(cfg.preset)
     torch.manual_seed(cfg.seed)
     vae = models.build_vae(preset) if cfg.init is None else models.load_vae(cfg.init)

@@ -74,8 +74,9 @@ class AttributeEvalStage:
     grid_images: int = 16
 
     def __post_init__(self):
-        if self.n_images < 1 or self.batch_size < 1:
-            raise ConfigError("attribute_eval n_images and batch_size must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError("attribute_eval batch_size must be >= 1")
+        data.check_heldout_count("n_images", self.n_images, 1, data.HELDOUT_SIZE // 2)  # captions skipped for clashes
 
 
 def entry_prompts(entry: AttributeEntry, n: int) -> tuple[list[str], list[dict]]:

@@ -43,6 +43,9 @@ class CheckCLIPStage:
     num_images: int = 1000
     seed: int = 0
 
+    def __post_init__(self):
+        data.check_heldout_count("num_images", self.num_images, 1, data.HELDOUT_SIZE)
+
 
 def run_check_clip(cfg: CheckCLIPStage, out: Path) -> dict:
     """Accuracy per attribute of the CLIP's zero-shot classification of real held-out images."""
@@ -66,6 +69,9 @@ class CheckEvaluatorStage:
     noise_std: float = 0.05  # on the [0, 1] scale
     blur_sigma: float = 1.0  # pixels
     seed: int = 0
+
+    def __post_init__(self):
+        data.check_heldout_count("num_images", self.num_images, 2, data.HELDOUT_SIZE // 2)  # two disjoint real sets
 
 
 def run_check_evaluator(cfg: CheckEvaluatorStage, out: Path) -> dict:
@@ -114,6 +120,11 @@ class CheckTeacherStage:
     grid_seeds: int = 6
     batch_size: int = 100
     seed: int = 0
+
+    def __post_init__(self):
+        data.check_heldout_count("accuracy_images", self.accuracy_images, 1, data.HELDOUT_SIZE)
+        data.check_heldout_count("fd_images", self.fd_images, 2, data.HELDOUT_SIZE // 2)  # prompts, then real images
+        data.check_heldout_count("grid_prompts", self.grid_prompts, 1, self.accuracy_images)
 
 
 def run_check_teacher(cfg: CheckTeacherStage, out: Path, accelerator=None) -> dict:

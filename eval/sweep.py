@@ -67,14 +67,16 @@ def normalise_models(models_cfg: Any) -> list[dict]:
 
 
 def model_specs(specs: list[str]) -> dict[str, str]:
-    """Models named on a command line, each ``path`` or ``name=path``, as ``{name: path}``: a bare path is named
-    after its folder, or a stage's ``<stage>/model`` after the stage ('shapes' stays 'shapes'); one name given to
-    two different folders is an error."""
+    """Models named on a command line, each ``path`` or ``name=path``, as ``{name: path}``: a bare path (one with
+    a '/' before any '=') is named after its folder, or a stage's local ``<stage>/model`` folder after the stage
+    ('shapes' stays 'shapes'); one name given to two different folders is an error."""
     out: dict[str, str] = {}
     for spec in specs:
         folder = Path(spec.rstrip("/"))
-        named = folder.parent.name if folder.name == "model" and folder.parent.name else folder.name
-        name, _, path = spec.partition("=") if "=" in spec else (named or spec, "", spec)
+        stage_model = folder.name == "model" and folder.parent.name and folder.is_dir()
+        named = folder.parent.name if stage_model else folder.name
+        head, sep, tail = spec.partition("=")
+        name, path = (head, tail) if sep and "/" not in head else (named or spec, spec)
         if not name or not path:
             raise ConfigError(f"model {spec!r}: give a folder, 'shapes', a hub id, or name=folder")
         if out.setdefault(name, path) != path:
@@ -92,7 +94,7 @@ class SweepStage:
     prompts: str | None = None  # a text file, one prompt per line (overrides the dataset's captions)
     samplers: list[str] = field(default_factory=lambda: ["ddim"])
     steps: list[int] = field(default_factory=lambda: [4])
-    timestep_spacing: str | None = None  # every cell's grid: leading | linspace | trailing (None: each model's own)
+    timestep_spacing: str | None = None  # leading | linspace | trailing for every non-student (None: each one's own)
     guidance_scales: list[float] | None = None  # default: each model's recommended scale (fewstep.json)
     n_images: int = 200
     reference_images: int = 2000
@@ -325,6 +327,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 refs["clip"] = reference_features(cfg, f"clip-embeds:{cfg.clip}", tools["clip"].image_embeds, res)
             refs_by_res[res] = refs
         method = info.get("method", "pretrained")
+        spacing = None if method in STUDENT_METHODS else cfg.timestep_spacing  # students: the grid distilled on
         for sampler, scale in dict.fromkeys((c[0], c[2]) for c in cells):  # warm-up calls (allocator, first-call
             # set-up of each sampler, the CFG batch), so no cell is timed cold
             generate(
@@ -334,7 +337,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 sampler=sampler,
                 num_inference_steps=1,
                 guidance_scale=scale,
-                timestep_spacing=cfg.timestep_spacing,
+                timestep_spacing=spacing,
             )
         for sampler, steps, scale in cells:
             start = time.perf_counter()
@@ -347,7 +350,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 guidance_scale=scale,
                 batch_size=cfg.batch_size,
                 progress=True,
-                timestep_spacing=cfg.timestep_spacing,
+                timestep_spacing=spacing,
             )
             seconds = time.perf_counter() - start
             if rank != 0:
@@ -360,7 +363,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "sampler": sampler,
                 "steps": steps,
                 "guidance_scale": scale,
-                "timestep_spacing": cfg.timestep_spacing or pipe.scheduler.config.get("timestep_spacing"),
+                "timestep_spacing": spacing or pipe.scheduler.config.get("timestep_spacing"),
                 "nfe": unet_evaluations(
                     sampler=sampler, steps=steps, guidance_scale=scale, guidance_conditioned=conditioned
                 ),

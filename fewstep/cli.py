@@ -374,7 +374,11 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (results.jsonl, grids/, report/)")
     ev.add_argument("--samplers", nargs="+", default=None, help="training-free samplers for teachers (ddim)")
     ev.add_argument("--steps", type=int, nargs="+", default=None, help="step counts for teachers (4)")
-    ev.add_argument("--timestep-spacing", default=None, help="leading, linspace or trailing (default: each model's)")
+    ev.add_argument(
+        "--timestep-spacing",
+        default=None,
+        help="leading, linspace or trailing for non-students (default: each model's)",
+    )
     ev.add_argument("--student-steps", type=int, nargs="+", default=None, help="default: each student's own")
     ev.add_argument("--guidance-scales", type=float, nargs="+", default=None, help="default: each model's own")
     ev.add_argument("--n-images", type=int, default=None, help="images per cell (200)")

@@ -128,3 +128,23 @@ def test_stage_loads_its_models_on_the_accelerators_device(tiny, tmp_path, monke
     with pytest.raises(StopIteration):
         A.run_attribute_eval(cfg, tmp_path, accelerator=SimpleNamespace(device=torch.device("meta")))
     assert devices == [torch.device("meta")]
+
+
+@pytest.mark.parametrize(
+    "stage, bad",
+    [
+        ("CheckCLIPStage", dict(num_images=10_001)),
+        ("CheckEvaluatorStage", dict(num_images=5_001)),  # two disjoint sets of it
+        ("CheckTeacherStage", dict(fd_images=5_001)),  # prompts, then as many real images after them
+        ("CheckTeacherStage", dict(grid_prompts=300)),  # more than its 200 accuracy captions
+        ("AttributeEvalStage", dict(n_images=6_000)),
+    ],
+)
+def test_counts_beyond_the_heldout_split_are_config_errors(stage, bad):
+    """They passed the config and crashed on an IndexError after the stage's first work (the split is fixed)."""
+    from baselines.errors import ConfigError
+    from eval import attributes, checks
+
+    cls = getattr(checks, stage, None) or getattr(attributes, stage)
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        cls(**bad)

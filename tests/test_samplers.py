@@ -162,29 +162,38 @@ def test_defaults_fill_only_what_is_unset(tiny_pipe):
         resolve_defaults(tiny_pipe, info, steps=2000, guidance_scale=None, sampler=None)
 
 
-def test_samplers_keep_the_base_schedulers_default_spacing():
-    """An SD-1.x scheduler folder (PNDM, no timestep_spacing written: 'leading' by its class default): diffusers'
-    from_config dropped the defaulted keys, so DDIM ran 'leading' but DPM-Solver++ and Euler 'linspace' grids."""
+def test_sd1_samplers_follow_diffusers_from_config_unless_one_spacing_is_asked():
+    """An SD-1.x scheduler folder (PNDM, no timestep_spacing written): as diffusers' X.from_config does, DDIM takes
+    "leading" and the multistep solvers and Euler "linspace" (how published SD-1.x numbers were made);
+    timestep_spacing="trailing" puts every sampler on the one trailing grid."""
     from diffusers import PNDMScheduler
 
     sd1 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
            "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}  # fmt: skip
-    base = PNDMScheduler.from_config(sd1).config
+    base = dict(PNDMScheduler.from_config(sd1).config)
     assert "timestep_spacing" in base["_use_default_values"]
-    grids = {}
-    for name in ("ddim", "dpmpp-2m", "euler", "unipc"):
-        scheduler = make_scheduler(name, dict(base))
-        scheduler.set_timesteps(2)
-        assert scheduler.config.timestep_spacing == "leading"
-        grids[name] = scheduler.timesteps.round().long().tolist()
-    # each class's own 'leading' grid (the multistep solvers split T into N + 1 parts); 'linspace' was [999, 500]
-    assert grids == {"ddim": [501, 1], "euler": [501, 1], "dpmpp-2m": [667, 334], "unipc": [667, 334]}
+
+    def grids(**kw):
+        out = {}
+        for name in ("ddim", "dpmpp-2m", "euler", "unipc"):
+            scheduler = make_scheduler(name, base, **kw)
+            scheduler.set_timesteps(2)
+            out[name] = scheduler.timesteps.round().long().tolist()
+        return out
+
+    assert grids() == {"ddim": [501, 1], "euler": [999, 0], "dpmpp-2m": [999, 500], "unipc": [999, 500]}
+    assert grids(timestep_spacing="trailing") == {
+        "ddim": [999, 499],
+        "euler": [999, 499],
+        "dpmpp-2m": [999, 499],
+        "unipc": [999, 499],
+    }
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_a_sampler_that_cannot_step_an_x0_model_says_so(sampler):
     """x0 ('sample') models: the samplers PREDICTION_TYPES allows run them, the others are a one-line error up front
-    (diffusers raised mid-sampling); checked against diffusers itself, so the table cannot drift."""
+    (diffusers raised mid-sampling); both directions are checked against diffusers itself."""
     from diffusers import DDIMScheduler
 
     from baselines.errors import FewstepError
@@ -199,6 +208,10 @@ def test_a_sampler_that_cannot_step_an_x0_model_says_so(sampler):
     else:
         with pytest.raises(FewstepError, match=f"the {sampler} sampler cannot step a 'sample'-prediction model"):
             run()
+        cls, extra = SAMPLERS[sampler]  # and diffusers itself refuses it, mid-sampling
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+        with pytest.raises((ValueError, NotImplementedError), match="sample"):
+            pipe("a", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
 
 
 def test_generate_checks_its_prompts_up_front(tiny_pipe):

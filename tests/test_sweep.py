@@ -295,13 +295,16 @@ def test_eval_verb_sweeps_folders_resumes_and_renders_its_report(tiny_models, tm
     assert sorted((r["model"], r["steps"]) for r in rows) == [("cfg", 1), ("cfg", 2), ("student", 1)]
 
 
-def test_model_specs_name_folders_and_refuse_one_name_for_two():
-    assert S.model_specs(["shapes", "runs/x/guidance/model/", "b=runs/b/model", "runs/p/progressive-2step"]) == {
-        "shapes": "shapes", "guidance": "runs/x/guidance/model/", "b": "runs/b/model",
-        "progressive-2step": "runs/p/progressive-2step",
+def test_model_specs_name_folders_and_refuse_one_name_for_two(tmp_path):
+    stage = tmp_path / "guidance" / "model"
+    stage.mkdir(parents=True)
+    given = ["shapes", f"{stage}/", "b=runs/b/model", "runs/lr=1e-4/p-2step", "org/model"]
+    assert S.model_specs(given) == {
+        "shapes": "shapes", "guidance": f"{stage}/", "b": "runs/b/model", "p-2step": "runs/lr=1e-4/p-2step",
+        "model": "org/model",  # a hub id, not a local stage folder
     }  # fmt: skip
-    with pytest.raises(ConfigError, match="two models are named 'guidance'"):
-        S.model_specs(["runs/a/guidance/model", "runs/b/guidance/model"])
+    with pytest.raises(ConfigError, match="two models are named 'model'"):
+        S.model_specs(["runs/a/model", "org/model"])
     with pytest.raises(ConfigError, match="name=folder"):
         S.model_specs(["=runs/a"])
 
@@ -316,9 +319,10 @@ def test_a_sweeps_timestep_spacing_reaches_every_cell_and_its_row(tiny_models, t
 
     _patch_generate(monkeypatch, spy)
     fields = sweep_fields(tiny_models, tmp_path)
-    cfg = S.SweepStage(**{**fields, "models": fields["models"][:1], "steps": [1], "timestep_spacing": "leading"})
+    cfg = S.SweepStage(**{**fields, "steps": [1], "timestep_spacing": "leading"})
     rows = S.run_sweep(cfg, tmp_path / "sweep")
-    assert set(seen) == {"leading"} and {r["timestep_spacing"] for r in rows} == {"leading"}
+    assert set(seen) == {"leading", None}  # the student keeps the trailing grid it was distilled on
+    assert {(r["model"], r["timestep_spacing"]) for r in rows} == {("teacher", "leading"), ("student", "trailing")}
     plain = S.SweepStage(**{**fields, "models": fields["models"][:1], "steps": [1]})
     entry = cfg.models[0]
     assert S.cell_hash(cfg, entry, "ddim", 1, 1.5) != S.cell_hash(plain, entry, "ddim", 1, 1.5)
