@@ -94,6 +94,7 @@ class SweepStage:
     prompts: str | None = None  # a text file, one prompt per line (overrides the dataset's captions)
     samplers: list[str] = field(default_factory=lambda: ["ddim"])
     steps: list[int] = field(default_factory=lambda: [4])
+    student_steps: list[int] | None = None  # default: each student's own (distilled / recommended) steps
     timestep_spacing: str | None = None  # leading | linspace | trailing for every non-student (None: each one's own)
     guidance_scales: list[float] | None = None  # default: each model's recommended scale (fewstep.json)
     n_images: int = 200
@@ -121,7 +122,7 @@ class SweepStage:
             raise ConfigError(f"sweep.metrics: unknown metric {sorted(bad)[0]!r}; choose from {list(METRICS)}")
         if not self.extractors and {"fd", "kid"} & set(self.metrics):
             raise ConfigError("sweep.extractors: FD and KID need at least one feature extractor")
-        if self.n_images < 2 or min(self.steps) < 1:
+        if self.n_images < 2 or min(self.steps) < 1 or min(self.student_steps or [1]) < 1:
             raise ConfigError("sweep.n_images must be >= 2 and every step count >= 1")
         most = _SHAPES_REF_STOP - _SHAPES_REF_START
         if self.dataset == "shapes" and not 2 <= self.reference_images <= most:
@@ -202,7 +203,8 @@ def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: 
     rec = info.get("recommended", {})
     student = method in STUDENT_METHODS
     samplers = entry["samplers"] or (["ddim"] if student else cfg.samplers)
-    steps = entry["steps"] or ([rec.get("num_inference_steps", info.get("steps"))] if student else cfg.steps)
+    own = cfg.student_steps or [rec.get("num_inference_steps", info.get("steps"))]
+    steps = entry["steps"] or (own if student else cfg.steps)
     if entry["guidance_scales"]:
         scales = entry["guidance_scales"]
     elif student and not guidance_conditioned:
@@ -216,9 +218,24 @@ def model_cells(cfg: SweepStage, entry: dict, info: dict, guidance_conditioned: 
     return [(s, int(n), float(w)) for s in samplers for n in steps for w in scales]
 
 
-def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: float, model_id: str = "") -> str:
+def cell_spacing(cfg: SweepStage, info: dict) -> str | None:
+    """The timestep spacing a model's cells are sampled on: the sweep's for a teacher, None (its own) for a
+    student, which keeps the grid it was distilled on."""
+    return None if info.get("method") in STUDENT_METHODS else cfg.timestep_spacing
+
+
+def cell_hash(
+    cfg: SweepStage,
+    entry: dict,
+    sampler: str,
+    steps: int,
+    scale: float,
+    model_id: str = "",
+    timestep_spacing: str | None = None,
+) -> str:
     """Identity of a cell: everything that changes its row (not batch size or grid size); ``model_id``
-    identifies the weights (a hash of the folder's fewstep.json), so a retrained folder is re-evaluated."""
+    identifies the weights (a hash of the folder's fewstep.json), so a retrained folder is re-evaluated;
+    ``timestep_spacing`` is the cell's own (``cell_spacing``)."""
     key = {
         "model_id": model_id,
         "model": entry["name"],
@@ -228,7 +245,7 @@ def cell_hash(cfg: SweepStage, entry: dict, sampler: str, steps: int, scale: flo
         "guidance_scale": scale,
         **{k: getattr(cfg, k) for k in ("dataset", "prompts", "n_images", "reference_images", "extractors", "clip")},
         **{k: getattr(cfg, k) for k in ("metrics", "bootstrap", "seed")},
-        **({"timestep_spacing": cfg.timestep_spacing} if cfg.timestep_spacing else {}),  # unset: the hashes as before
+        **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}),  # unset: the hashes as before
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -306,7 +323,8 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
         model_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16] if info else ""
         pipe = models.load_pipeline(entry["path"], device=device)
         conditioned = is_guidance_conditioned(pipe.unet)
-        hashes = {c: cell_hash(cfg, entry, *c, model_id) for c in model_cells(cfg, entry, info, conditioned)}
+        spacing = cell_spacing(cfg, info)
+        hashes = {c: cell_hash(cfg, entry, *c, model_id, spacing) for c in model_cells(cfg, entry, info, conditioned)}
         current.update(hashes.values())
         cells = [c for c, h in hashes.items() if h not in done]
         if not cells:
@@ -327,7 +345,6 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 refs["clip"] = reference_features(cfg, f"clip-embeds:{cfg.clip}", tools["clip"].image_embeds, res)
             refs_by_res[res] = refs
         method = info.get("method", "pretrained")
-        spacing = None if method in STUDENT_METHODS else cfg.timestep_spacing  # students: the grid distilled on
         for sampler, scale in dict.fromkeys((c[0], c[2]) for c in cells):  # warm-up calls (allocator, first-call
             # set-up of each sampler, the CFG batch), so no cell is timed cold
             generate(
@@ -375,7 +392,7 @@ def run_sweep(cfg: SweepStage, out: Path, accelerator=None) -> list[dict]:
                 "processes": world,
                 "threads": torch.get_num_threads(),
                 "device": str(device),
-                "config_hash": cell_hash(cfg, entry, sampler, steps, scale, model_id),
+                "config_hash": hashes[(sampler, steps, scale)],
             }
             if cfg.grid_images:
                 grid = Path(out) / "grids" / f"{row['config_hash']}.png"

@@ -246,25 +246,21 @@ def _report(args) -> None:
 
 # `fewstep eval` options, each a field of the sweep stage (eval.sweep.SweepStage); unset ones keep its defaults
 EVAL_FIELDS = (
-    "samplers", "steps", "timestep_spacing", "guidance_scales", "n_images", "reference_images", "dataset", "prompts",
-    "extractors", "clip", "metrics", "bootstrap", "grid_images", "seed", "batch_size", "cache_dir",
+    "samplers", "steps", "student_steps", "timestep_spacing", "guidance_scales", "n_images", "reference_images",
+    "dataset", "prompts", "extractors", "clip", "metrics", "bootstrap", "grid_images", "seed", "batch_size",
+    "cache_dir",
 )  # fmt: skip
 
 
 def _eval(args) -> None:
     from pathlib import Path
 
-    from baselines import models
     from baselines.train import barrier, is_main_process, process_group
     from eval.report import render_report
-    from eval.sweep import STUDENT_METHODS, SweepStage, model_specs, run_sweep
+    from eval.sweep import SweepStage, model_specs, run_sweep
 
     given = {k: getattr(args, k) for k in EVAL_FIELDS if getattr(args, k) is not None}
-    entries = [{"name": name, "path": path} for name, path in model_specs(args.models).items()]
-    for entry in entries if args.student_steps else []:
-        if models.read_info(entry["path"]).get("method") in STUDENT_METHODS:
-            entry["steps"] = args.student_steps
-    cfg = SweepStage(models=entries, **given)
+    cfg = SweepStage(models=model_specs(args.models), **given)
     process_group()  # under torchrun: the processes split each cell's images (before accelerate, as `run` does)
     out = Path(args.out)
     rows = run_sweep(cfg, out, _accelerator(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -325,6 +326,13 @@ def test_a_sweeps_timestep_spacing_reaches_every_cell_and_its_row(tiny_models, t
     assert {(r["model"], r["timestep_spacing"]) for r in rows} == {("teacher", "leading"), ("student", "trailing")}
     plain = S.SweepStage(**{**fields, "models": fields["models"][:1], "steps": [1]})
     entry = cfg.models[0]
-    assert S.cell_hash(cfg, entry, "ddim", 1, 1.5) != S.cell_hash(plain, entry, "ddim", 1, 1.5)
+    assert (
+        S.cell_spacing(cfg, {"method": "teacher"}) == "leading" and S.cell_spacing(cfg, {"method": "guidance"}) is None
+    )
+    leading = S.cell_hash(cfg, entry, "ddim", 1, 1.5, timestep_spacing=S.cell_spacing(cfg, {"method": "teacher"}))
+    assert leading != S.cell_hash(plain, entry, "ddim", 1, 1.5)
+    seen.clear()  # another spacing: the teacher's cells run again, the student's (which ignores it) are kept
+    S.run_sweep(dataclasses.replace(cfg, timestep_spacing="trailing"), tmp_path / "sweep")
+    assert set(seen) == {"trailing"}
     with pytest.raises(ConfigError, match="sweep.timestep_spacing"):
         S.SweepStage(models={"a": "x"}, timestep_spacing="karras")
